@@ -1,0 +1,65 @@
+"""Carvana Image Masking Challenge: fetch -> split -> train UNet1024 -> predict -> submit.csv.gz.
+
+    python main.py                      # everything, with the settings below
+    python main.py --epochs 3 --input-size 512x768 --data-dir ../shared/carvana-sample
+    python main.py --help               # every setting below as a flag
+
+Edit the settings here or override any of them on the command line. The defaults are
+sized for a CPU (they finish in minutes on the demo data); for a real Kaggle run on a GPU
+use e.g. --input-size 1024x1024 --width 1 --batch-size 4 --epochs 50 --workers 8.
+"""
+
+# --- data --------------------------------------------------------------------------
+DATA_DIR = ""  # a Carvana-layout folder to use as is; empty = Kaggle if credentials, else demo data
+DATA_ROOT = "data"  # where fetched / demo data is stored
+HQ = False  # use train_hq.zip / test_hq.zip instead of the normal-quality JPEGs
+VALIDATION_SIZE = 0.2  # fraction of cars (not images) held out for validation
+SAMPLE_SIZE = 1.0  # fraction of train cars used (quick experiments: 0.1)
+TEST_SAMPLE_SIZE = 1.0  # fraction of test images predicted (< 1 gives a non-submittable file)
+SEED = 42  # split, initialisation, augmentation and demo data
+# --- model ---------------------------------------------------------------------------
+INPUT_SIZE = "256x384"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024)
+WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
+# --- training --------------------------------------------------------------------------
+TRAIN = True  # --no-train predicts from --checkpoint (or the run's best.pt)
+EPOCHS = 8
+BATCH_SIZE = 4  # per process (under torchrun the global batch is this x world size)
+LR = 2e-3  # peak learning rate
+OPTIMIZER = "adamw"  # adamw | adam | sgd
+WEIGHT_DECAY = 1e-4
+SCHEDULER = "cosine"  # cosine | plateau | none
+BCE_WEIGHT = 1.0  # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice per image)
+DICE_WEIGHT = 1.0
+GRAD_CLIP = 0.0  # max gradient norm; 0 = off
+AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
+WORKERS = 2  # DataLoader worker processes
+DEVICE = "auto"  # auto | cpu | cuda | cuda:1
+AMP = True  # mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU
+CHANNELS_LAST = True  # channels_last memory format on CUDA; ignored on CPU
+COMPILE = False  # torch.compile the model (CUDA only)
+SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
+RUN = ""  # run name for output/models/<run> and logs/<run>; empty = a timestamp
+RESUME = False  # continue the run (--run, else the latest) from last.pt; prediction resumes too
+CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's best.pt)
+# --- prediction / submission ---------------------------------------------------------
+THRESHOLD = 0.5  # probability above which a pixel is car
+TTA = True  # average with the horizontally flipped prediction
+PREDICT_BATCH_SIZE = 8
+CHUNK_SIZE = 256  # images per gzip member of submit.csv.gz (the resume granularity)
+POSTPROCESS_WORKERS = 2  # threads that upsample, threshold and RLE-encode predictions
+OUTPUT = "output/submit.csv.gz"
+SUBMIT = False  # upload to Kaggle after validation passes
+MESSAGE = "UNet1024 via carvana pipeline"  # Kaggle submission message
+
+import sys  # noqa: E402  (settings first, nanoGPT-style, so they are the first thing read)
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without `pip install -e .` too
+
+from carvana.cli import comments_of, parse_settings, settings_from  # noqa: E402
+from carvana.pipeline import run_pipeline  # noqa: E402
+
+if __name__ == "__main__":
+    defaults = settings_from(globals())
+    hp = parse_settings(defaults, help_text=comments_of(Path(__file__).read_text()), description=__doc__.splitlines()[0])
+    sys.exit(run_pipeline(hp))

@@ -1,0 +1,96 @@
+"""Checkpoints: atomic `last.pt` / `best.pt` with a format version (timm-style saver).
+
+A checkpoint is a plain dict of tensors and primitives, so it loads with
+``torch.load(..., weights_only=True)``: nothing in it can execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carvana.callbacks import Callback, Preview
+from carvana import distributed as dist
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the file named in the message."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only) and check its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a carvana checkpoint (no 'model' entry)")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads version {FORMAT_VERSION}")
+    return state
+
+
+class ModelSaverCallback(Callback):
+    """Saves ``last.pt`` after every epoch and ``best.pt`` when the monitored metric improves.
+
+    Each file holds model, optimiser, scheduler and scaler state, the epoch, the best
+    metric, the hyperparameters (``hparams``: a dict of primitives) and the format version.
+    On Ctrl-C the current weights are saved as ``last.pt`` with the last *completed*
+    epoch, so ``--resume`` restarts the interrupted epoch. Other exceptions (a NaN loss)
+    write nothing: the last good checkpoint stays as it was. Only rank 0 writes.
+    """
+
+    def __init__(self, directory: Path, hparams: dict[str, Any], resume_hint: str = "python main.py --resume") -> None:
+        self.directory = Path(directory)
+        self.hparams = dict(hparams)
+        self.resume_hint = resume_hint
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    def _state(self, trainer: Any, **extra: Any) -> dict[str, Any]:
+        return {**trainer.state_dict(), "hparams": self.hparams, **extra}
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
+        if not dist.is_main_process():
+            return
+        save_checkpoint(self._state(trainer, metrics=dict(metrics)), self.last_path)
+        if metrics.get("is_best"):
+            # Copy then rename, so best.pt is never a half-written file either.
+            tmp = self.best_path.with_name("best.pt.tmp")
+            shutil.copyfile(self.last_path, tmp)
+            os.replace(tmp, self.best_path)
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        if isinstance(exc, KeyboardInterrupt) and dist.is_main_process():
+            save_checkpoint(self._state(trainer, interrupted=True), self.last_path)
+            print(
+                f"\nInterrupted during epoch {trainer.epoch + 2}: state saved to {self.last_path}.\n"
+                f"Resume with: {self.resume_hint}"
+            )

@@ -1,0 +1,269 @@
+"""CarvanaClassifier: the train / validate / predict loops around a segmentation model.
+
+Device handling is in one place here: on CUDA it turns on mixed precision (bf16 where
+the GPU has it, else fp16 with a GradScaler), channels_last, non-blocking copies and
+optionally torch.compile; on the CPU all of that is off and the same code runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from carvana.callbacks import Callback, CallbackList, Preview
+from carvana.datasets import tensor_to_image
+from carvana.losses import BCEDiceLoss, competition_dice
+from carvana import distributed as dist
+
+
+class CarvanaClassifier:
+    """Trains and runs a (B,3,H,W) -> (B,1,H,W) logit model with BCE + Dice loss.
+
+    ``epochs`` is needed up front because the cosine schedule spans the whole run and
+    must exist before a checkpoint's scheduler state can be loaded into it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epochs: int,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        threshold: float = 0.5,
+        grad_clip: float = 0.0,
+        device: str = "auto",
+        amp: bool = True,
+        channels_last: bool = True,
+        compile: bool = False,
+        sync_batchnorm: bool = False,
+        preview_count: int = 4,
+        progress: bool = True,
+    ) -> None:
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = None
+        if amp and cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.channels_last = channels_last and cuda
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        if sync_batchnorm and dist.is_distributed():
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # `net` is what runs forward passes: possibly DDP-wrapped and/or compiled;
+        # `model` stays the plain module whose state_dict goes into checkpoints.
+        self.net: nn.Module = dist.wrap_model(self.model, self.device)
+        if compile and cuda:
+            self.net = torch.compile(self.net)
+        self.loss_fn = BCEDiceLoss(bce_weight, dice_weight)
+        self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
+        self.scheduler_name = scheduler
+        self.scheduler = make_scheduler(scheduler, self.optimizer, epochs)
+        # A GradScaler is only needed for fp16; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epochs = epochs
+        self.threshold = threshold
+        self.grad_clip = grad_clip
+        self.preview_count = preview_count
+        self.progress = progress and dist.is_main_process()
+        self.epoch = -1  # last completed epoch
+        self.best_metric = -math.inf
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimiser, scheduler, scaler, progress."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_metric": self.best_metric,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        """Restore a state_dict(); ``weights_only`` restores just the model (for prediction)."""
+        self.model.load_state_dict(state["model"])
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.best_metric = float(state["best_metric"])
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        train_loader: Iterable[dict],
+        valid_loader: Iterable[dict] | None,
+        epochs: int | None = None,
+        callbacks: Iterable[Callback] = (),
+    ) -> list[dict[str, float]]:
+        """Train from epoch ``self.epoch + 1`` (0, or the next one after a resume) to ``epochs``."""
+        epochs = self.epochs if epochs is None else epochs
+        cbs = CallbackList(callbacks)
+        cbs.on_train_start(self, self.epoch + 1, epochs)
+        try:
+            for epoch in range(self.epoch + 1, epochs):
+                start = time.perf_counter()
+                dist.set_epoch(train_loader, epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_loss = self._train_one_epoch(train_loader, epoch, epochs)
+                metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+                preview = None
+                if valid_loader is not None:
+                    valid_loss, valid_dice, preview = self.validate(valid_loader)
+                    metrics.update(valid_loss=valid_loss, valid_dice=valid_dice)
+                self._step_scheduler(metrics)
+                self.epoch = epoch
+                monitored = metrics.get("valid_dice", -train_loss)
+                metrics["is_best"] = float(monitored > self.best_metric)
+                self.best_metric = max(self.best_metric, monitored)
+                metrics["seconds"] = time.perf_counter() - start
+                self.history.append(metrics)
+                cbs.on_epoch_end(self, epoch, metrics, preview)
+        except BaseException as exc:
+            cbs.on_exception(self, exc)
+            raise
+        cbs.on_train_end(self)
+        return self.history
+
+    def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> float:
+        self.net.train()
+        total, count = torch.zeros((), device=self.device), 0
+        bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=not self.progress, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            images, masks = self._to_device(batch["image"]), self._to_device(batch["mask"])
+            with self._autocast():
+                logits = self.net(images)
+            loss = self.loss_fn(logits, masks)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped, the last good "
+                    "checkpoint is left intact. Lower the learning rate, turn AMP off or enable --grad-clip."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total += loss.detach() * images.shape[0]
+            count += images.shape[0]
+            if self.progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        return dist.all_reduce_mean(total, count)
+
+    def _step_scheduler(self, metrics: dict[str, float]) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics.get("valid_dice", -metrics["train_loss"]))
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    @torch.no_grad()
+    def validate(self, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
+        """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
+        per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
+        self.net.eval()
+        loss_sum, dice_sum, count = 0.0, 0.0, 0
+        preview: Preview | None = None
+        bar = tqdm(loader, desc="valid", leave=False, disable=not self.progress, dynamic_ncols=True)
+        for batch in bar:
+            images, masks = self._to_device(batch["image"]), self._to_device(batch["mask"])
+            with self._autocast():
+                logits = self.net(images)
+            loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
+            probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+            dice = competition_dice(probs, batch["full_mask"].numpy(), self.threshold)
+            dice_sum += float(dice.sum())
+            count += images.shape[0]
+            if self.progress:
+                bar.set_postfix(dice=f"{dice_sum / count:.4f}")
+            if preview is None and self.preview_count > 0:
+                k = self.preview_count
+                preview = Preview(
+                    images=np.stack([tensor_to_image(x) for x in batch["image"][:k]]),
+                    truths=batch["mask"][:k, 0].numpy() > 0.5,
+                    probs=probs[:k],
+                )
+        loss_sum, dice_sum, count = dist.all_reduce_sums(loss_sum, dice_sum, count)
+        if count == 0:
+            raise ValueError("the validation loader yielded no images")
+        return loss_sum / count, dice_sum / count, preview
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
+        """Run the model over ``loader``; each batch's probabilities go to the callbacks.
+
+        ``tta`` averages the probabilities of the image and its horizontal mirror.
+        Images the loader could not read (ok=False) get an all-zero probability map.
+        """
+        cbs = CallbackList(callbacks)
+        self.net.eval()
+        cbs.on_predict_start(self)
+        try:
+            for batch in tqdm(loader, desc="predict", disable=not self.progress, dynamic_ncols=True):
+                images = self._to_device(batch["image"])
+                with self._autocast():
+                    probs = torch.sigmoid(self.net(images).float())
+                    if tta:
+                        flipped = torch.sigmoid(self.net(images.flip(-1)).float()).flip(-1)
+                        probs = (probs + flipped) / 2
+                probs = probs[:, 0]
+                if "ok" in batch:
+                    probs[~batch["ok"].to(self.device)] = 0.0
+                cbs.on_predict_batch_end(self, list(batch["name"]), probs)
+        except BaseException as exc:
+            cbs.on_exception(self, exc)
+            raise
+        cbs.on_predict_end(self)
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """'adamw' | 'adam' | 'sgd' (momentum 0.9, Nesterov)."""
+    name = name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam or sgd")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
+    """'cosine' (per epoch, to 1% of the initial LR) | 'plateau' (on valid Dice) | 'none'."""
+    name = name.lower()
+    if name == "cosine":
+        base = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), eta_min=base * 0.01)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+    if name == "none":
+        return None
+    raise ValueError(f"unknown scheduler {name!r}: choose cosine, plateau or none")

@@ -1,0 +1,104 @@
+"""torch.distributed glue: everything here is a no-op in a plain single process.
+
+Under ``torchrun`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; ``init()``
+then joins the process group (NCCL on GPUs, gloo on the CPU) and the rest of the
+code asks this module who it is instead of reading the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a multi-process launch."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "auto") -> str:
+    """Join the process group if launched by torchrun; returns the device to use
+    ("cuda:<local_rank>" on GPUs, else "cpu" or the given device)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not launched_by_torchrun() or td.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+        td.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        td.init_process_group("gloo")
+    return device
+
+
+def shutdown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def rank() -> int:
+    return td.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes checkpoints, logs and bars."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        td.barrier()
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` when distributed, else ``model`` itself."""
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """DistributedSampler shuffles per epoch only if told the epoch number."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def all_reduce_sums(*values: float) -> tuple[float, ...]:
+    """Sum plain numbers over ranks (float64, so image counts and Dice sums stay exact)."""
+    if not is_distributed():
+        return values
+    backend_device = "cuda" if td.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    td.all_reduce(t)
+    return tuple(t.tolist())
+
+
+def all_reduce_mean(total: torch.Tensor, count: int) -> float:
+    """Mean over ranks of a per-rank (sum tensor, count) pair."""
+    total_sum, count_sum = all_reduce_sums(float(total.item()), float(count))
+    return total_sum / max(count_sum, 1.0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run name, so all ranks agree on folders)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,118 @@
+"""Callbacks that report training: console line, metrics.csv, TensorBoard, preview PNGs.
+
+All of them write only on rank 0, so a torchrun job logs once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from carvana.callbacks import Callback, Preview
+from carvana import distributed as dist
+
+METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_dice", "lr", "seconds", "is_best")
+
+
+def overlay_grid(preview: Preview, threshold: float = 0.5) -> np.ndarray:
+    """One row per sample: image | truth (green) | prediction (red) overlaid, as RGB uint8.
+
+    In the third panel, yellow is where truth and prediction agree on the car,
+    green is missed car, red is false car: errors stand out at a glance.
+    """
+    rows = []
+    for image, truth, prob in zip(preview.images, preview.truths, preview.probs):
+        pred = prob > threshold
+        truth_panel = image.copy()
+        truth_panel[truth] = (0.5 * truth_panel[truth] + [0, 127, 0]).astype(np.uint8)
+        pred_panel = image.copy() // 2
+        pred_panel[..., 0] = np.where(pred, 255, pred_panel[..., 0])
+        pred_panel[..., 1] = np.where(truth, 255, pred_panel[..., 1])
+        rows.append(np.concatenate([image, truth_panel, pred_panel], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+class ConsoleLogger(Callback):
+    """One line per epoch: losses, valid Dice, LR, time."""
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
+        if not dist.is_main_process():
+            return
+        parts = [f"epoch {epoch + 1}/{trainer.epochs}", f"train_loss {metrics['train_loss']:.4f}"]
+        if "valid_dice" in metrics:
+            parts += [f"valid_loss {metrics['valid_loss']:.4f}", f"valid_dice {metrics['valid_dice']:.5f}"]
+        parts += [f"lr {metrics['lr']:.2e}", f"{metrics['seconds']:.0f}s", "*best*" if metrics.get("is_best") else ""]
+        print("  ".join(p for p in parts if p), flush=True)
+
+
+class CSVLogger(Callback):
+    """Appends one row per epoch to ``<log_dir>/metrics.csv`` (header written once)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.path = Path(log_dir) / "metrics.csv"
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
+        if not dist.is_main_process():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: metrics.get(k, "") for k in METRIC_COLUMNS})
+
+
+class PreviewLogger(Callback):
+    """Each epoch, the validation preview as ``<log_dir>/preview_epoch<NNN>.png`` and, when
+    TensorBoard is installed, as scalars + an image in ``<log_dir>`` (``tensorboard --logdir logs``)."""
+
+    def __init__(self, log_dir: Path, threshold: float = 0.5, tensorboard: bool = True) -> None:
+        self.log_dir = Path(log_dir)
+        self.threshold = threshold
+        self.use_tensorboard = tensorboard
+        self.writer = None
+
+    def on_train_start(self, trainer: Any, start_epoch: int, epochs: int) -> None:
+        if not (self.use_tensorboard and dist.is_main_process()):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional dependency: the PNGs still get written
+            print("tensorboard is not installed: writing preview PNGs only")
+            return
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_epoch)
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
+        if not dist.is_main_process():
+            return
+        grid = overlay_grid(preview, self.threshold) if preview is not None else None
+        if grid is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            path = self.log_dir / f"preview_epoch{epoch + 1:03d}.png"
+            tmp = path.with_name(path.stem + ".tmp.png")
+            cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            os.replace(tmp, path)
+        if self.writer is not None:
+            for key in ("train_loss", "valid_loss", "valid_dice", "lr"):
+                if key in metrics:
+                    self.writer.add_scalar(key, metrics[key], epoch + 1)
+            if grid is not None:
+                self.writer.add_image("valid/image_truth_prediction", grid, epoch + 1, dataformats="HWC")
+            self.writer.flush()
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def on_train_end(self, trainer: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, exc: BaseException) -> None:
+        self._close()

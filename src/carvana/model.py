@@ -1,0 +1,190 @@
+"""UNet1024: the classic Carvana U-Net for 1024x1024 inputs.
+
+This is the layout popularised by Heng CherKeng on the Kaggle forum (and used in
+EKami's Carvana pipeline): six encoder stacks (24, 64, 128, 256, 512, 768
+channels), a 768-channel centre block, six decoder stacks (512, 256, 128, 64,
+24, 24 channels) and a 1x1 convolution to one logit map.
+
+Each encoder stack pools once, so an input must be a multiple of 2**6 = 64 in
+both height and width; anything else would make a decoder's upsampled map and
+its skip connection disagree by a pixel, which is reported up front instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEPTH = 6  # number of 2x2 poolings
+SIZE_MULTIPLE = 2**DEPTH  # 64
+ENCODER_CHANNELS = (24, 64, 128, 256, 512, 768)
+CENTER_CHANNELS = 768
+DECODER_CHANNELS = (512, 256, 128, 64, 24, 24)  # deepest decoder first
+MIN_CHANNELS = 4  # floor for width-scaled channel counts, so tiny widths stay usable
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """``max(4, round(channels * width))``: the channel count at a width multiplier.
+
+    The floor of 4 keeps every layer non-degenerate at very small widths (24
+    channels at width 0.125 would otherwise be 3).
+    """
+    return max(MIN_CHANNELS, round(channels * width))
+
+
+def _nearest_multiples(n: int) -> str:
+    """The valid sizes on either side of ``n`` (only one if ``n`` is below 64)."""
+    lower = (n // SIZE_MULTIPLE) * SIZE_MULTIPLE
+    upper = lower + SIZE_MULTIPLE
+    return f"{lower} or {upper}" if lower > 0 else f"{upper}"
+
+
+def check_input_size(h: int, w: int) -> None:
+    """Raise ``ValueError`` unless ``h`` and ``w`` are positive multiples of 64.
+
+    The message names the size and the nearest valid height and width.
+    """
+    if h > 0 and w > 0 and h % SIZE_MULTIPLE == 0 and w % SIZE_MULTIPLE == 0:
+        return
+    raise ValueError(
+        f"input size {h}x{w} (HxW) is not supported: UNet1024 pools {DEPTH} times, so "
+        f"height and width must be positive multiples of {SIZE_MULTIPLE}; "
+        f"nearest valid height: {_nearest_multiples(h)}, "
+        f"nearest valid width: {_nearest_multiples(w)}"
+    )
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """Parse ``"256x384"`` (height x width) into ``(256, 384)`` and check it.
+
+    A single number (``"1024"``) means a square input. Raises ``ValueError``
+    for malformed text or sizes the network cannot take.
+    """
+    parts = text.strip().lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"input size {text!r}: expected 'HxW' such as '1024x1024' or '256x384'")
+    try:
+        h, w = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"input size {text!r}: height and width must be integers, as in '256x384'"
+        ) from None
+    check_input_size(h, w)
+    return h, w
+
+
+class ConvBnRelu(nn.Module):
+    """3x3 convolution (no bias: BatchNorm supplies it) + BatchNorm + ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class EncoderStack(nn.Module):
+    """Two ConvBnRelu blocks, then 2x2 max-pooling.
+
+    Returns ``(features, pooled)``: the full-resolution features feed the
+    matching decoder as its skip connection, the pooled ones the next stack.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(
+            ConvBnRelu(in_channels, out_channels),
+            ConvBnRelu(out_channels, out_channels),
+        )
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encode(x)
+        return features, self.pool(features)
+
+
+class DecoderStack(nn.Module):
+    """Bilinear upsampling to the skip's size, concatenation, three ConvBnRelu blocks."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.decode = nn.Sequential(
+            ConvBnRelu(in_channels + skip_channels, out_channels),
+            ConvBnRelu(out_channels, out_channels),
+            ConvBnRelu(out_channels, out_channels),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decode(torch.cat([x, skip], dim=1))
+
+
+class UNet1024(nn.Module):
+    """The Carvana U-Net: (B, in_channels, H, W) -> logits (B, 1, H, W).
+
+    ``width`` multiplies every channel count (see :func:`scale_channels`);
+    1.0 is the classic network. H and W must be multiples of 64.
+    """
+
+    def __init__(self, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        self.in_channels = in_channels
+        self.width = width
+
+        enc = [scale_channels(c, width) for c in ENCODER_CHANNELS]
+        center = scale_channels(CENTER_CHANNELS, width)
+        dec = [scale_channels(c, width) for c in DECODER_CHANNELS]
+
+        encoder_inputs = [in_channels, *enc[:-1]]
+        self.encoders = nn.ModuleList(
+            EncoderStack(c_in, c_out) for c_in, c_out in zip(encoder_inputs, enc)
+        )
+        self.center = ConvBnRelu(enc[-1], center)
+        # Decoder i takes the previous decoder's output (or the centre) and the
+        # skip from the encoder at the same resolution, deepest first.
+        decoder_inputs = [center, *dec[:-1]]
+        skips = enc[::-1]
+        self.decoders = nn.ModuleList(
+            DecoderStack(c_in, c_skip, c_out)
+            for c_in, c_skip, c_out in zip(decoder_inputs, skips, dec)
+        )
+        self.head = nn.Conv2d(dec[-1], 1, kernel_size=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Kaiming-normal convolutions (they all feed ReLUs), unit BatchNorm, zero biases."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        check_input_size(x.shape[-2], x.shape[-1])
+        skips = []
+        for encoder in self.encoders:
+            features, x = encoder(x)
+            skips.append(features)
+        x = self.center(x)
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            x = decoder(x, skip)
+        return self.head(x)

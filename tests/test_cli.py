@@ -1,0 +1,45 @@
+import pytest
+
+from carvana.cli import comments_of, parse_settings, settings_from
+
+SOURCE = '''
+EPOCHS = 8  # number of epochs
+LR = 1e-3  # learning rate
+INPUT_SIZE = "256x384"  # HxW
+AMP = True  # mixed precision
+lowercase = 3
+'''
+
+
+def defaults():
+    ns = {}
+    exec(SOURCE, ns)
+    return settings_from(ns)
+
+
+def test_settings_are_the_uppercase_values_in_order():
+    assert list(defaults()) == ["EPOCHS", "LR", "INPUT_SIZE", "AMP"]
+
+
+def test_overrides_keep_types_and_defaults():
+    hp = parse_settings(defaults(), ["--epochs", "3", "--input-size", "512x768", "--no-amp"])
+    assert (hp.epochs, hp.lr, hp.input_size, hp.amp) == (3, 1e-3, "512x768", False)
+    assert isinstance(hp.epochs, int) and isinstance(hp.lr, float)
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(defaults(), ["--epoch", "3"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_wrong_type_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(defaults(), ["--epochs", "three"])
+    assert "expected int" in capsys.readouterr().err
+
+
+def test_help_shows_the_comments(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(defaults(), ["--help"], help_text=comments_of(SOURCE))
+    assert "learning rate" in capsys.readouterr().out
