@@ -63,8 +63,11 @@ class CarvanaClassifier:
         # `net` is what runs forward passes: possibly DDP-wrapped and/or compiled;
         # `model` stays the plain module whose state_dict goes into checkpoints.
         self.net: nn.Module = dist.wrap_model(self.model, self.device)
+        # Validation and prediction run the plain (or compiled) module: ranks may see
+        # different numbers of batches there, and DDP's forward could wait on a peer.
+        self.eval_net: nn.Module = self.model
         if compile and cuda:
-            self.net = torch.compile(self.net)
+            self.net, self.eval_net = torch.compile(self.net), torch.compile(self.model)
         self.loss_fn = BCEDiceLoss(bce_weight, dice_weight)
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
@@ -188,14 +191,14 @@ class CarvanaClassifier:
     def validate(self, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
         """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
         per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
-        self.net.eval()
+        self.eval_net.eval()
         loss_sum, dice_sum, count = 0.0, 0.0, 0
         preview: Preview | None = None
         bar = tqdm(loader, desc="valid", leave=False, disable=not self.progress, dynamic_ncols=True)
         for batch in bar:
             images, masks = self._to_device(batch["image"]), self._to_device(batch["mask"])
             with self._autocast():
-                logits = self.net(images)
+                logits = self.eval_net(images)
             loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
             probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
             dice = competition_dice(probs, batch["full_mask"].numpy(), self.threshold)
@@ -224,15 +227,15 @@ class CarvanaClassifier:
         Images the loader could not read (ok=False) get an all-zero probability map.
         """
         cbs = CallbackList(callbacks)
-        self.net.eval()
+        self.eval_net.eval()
         cbs.on_predict_start(self)
         try:
             for batch in tqdm(loader, desc="predict", disable=not self.progress, dynamic_ncols=True):
                 images = self._to_device(batch["image"])
                 with self._autocast():
-                    probs = torch.sigmoid(self.net(images).float())
+                    probs = torch.sigmoid(self.eval_net(images).float())
                     if tta:
-                        flipped = torch.sigmoid(self.net(images.flip(-1)).float()).flip(-1)
+                        flipped = torch.sigmoid(self.eval_net(images.flip(-1)).float()).flip(-1)
                         probs = (probs + flipped) / 2
                 probs = probs[:, 0]
                 if "ok" in batch:

@@ -1,0 +1,344 @@
+"""DatasetFetcher: get the Carvana data (Kaggle, demo or an existing folder) and split it by car.
+
+Download layout under ``root/<competition>[-hq]``::
+
+    _downloads/<archive>.zip         while an archive is being fetched (deleted once unpacked)
+    _downloads/<archive>.zip.done    completion marker, written only after a successful unpack
+    .tmp-<archive>/                  extraction in progress (renamed into place at the end)
+    train/ train_masks/ test/ train_masks.csv metadata.csv sample_submission.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import math
+import os
+import random
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carvana import kaggle_client
+from carvana.layout import COMPETITION, car_id, mask_path_for
+
+DOWNLOADS = "_downloads"
+REQUIRED_DIRS = ("train", "train_masks", "test")
+REQUIRED_FILES = ("sample_submission.csv",)
+OPTIONAL_FILES = ("train_masks.csv", "metadata.csv")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A data folder lacks part of the Carvana layout."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would be written outside the extraction folder (zip-slip)."""
+
+
+class CorruptArchiveError(RuntimeError):
+    """An archive is still unreadable after being downloaded again, or lacks its expected content."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One competition file and what its top-level entries become in the dataset folder."""
+
+    name: str
+    outputs: dict[str, str]  # top-level name inside the zip -> name in the dataset folder
+
+
+def archives(hq: bool = False) -> tuple[Archive, ...]:
+    """The competition files to fetch; the hq image folders are renamed to train/ and test/."""
+    sfx = "_hq" if hq else ""
+    # Small files first so that credential/rules problems show up before any large download.
+    return (
+        Archive("sample_submission.csv.zip", {"sample_submission.csv": "sample_submission.csv"}),
+        Archive("metadata.csv.zip", {"metadata.csv": "metadata.csv"}),
+        Archive("train_masks.csv.zip", {"train_masks.csv": "train_masks.csv"}),
+        Archive("train_masks.zip", {"train_masks": "train_masks"}),
+        Archive(f"train{sfx}.zip", {f"train{sfx}": "train"}),
+        Archive(f"test{sfx}.zip", {f"test{sfx}": "test"}),
+    )
+
+
+def check_layout(folder: Path) -> Path:
+    """Raise DatasetLayoutError naming every missing piece of the Carvana layout; return the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"{folder}: data folder does not exist or is not a directory")
+    missing = [f"{d}/" for d in REQUIRED_DIRS if not (folder / d).is_dir()]
+    missing += [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise DatasetLayoutError(
+            f"{folder}: not a Carvana data folder, missing {', '.join(missing)} (expected train/, "
+            "train_masks/, test/, sample_submission.csv; train_masks.csv and metadata.csv optional)"
+        )
+    return folder
+
+
+def unsafe_member(name: str) -> bool:
+    """True for a member name that is absolute, has a drive letter or a '..' component."""
+    return (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None
+            or ".." in re.split(r"[/\\]", name))
+
+
+def zip_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete zip (missing, truncated, sizes disagree), or None if it looks whole."""
+    if not path.is_file():
+        return "not downloaded"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"not a valid zip, probably truncated ({exc})"
+    if not infos:
+        return "empty archive"
+    size = path.stat().st_size
+    end = max(i.header_offset + i.compress_size for i in infos)
+    if end > size:  # an appended/resumed download that does not add up
+        return f"size mismatch: members end at byte {end} but the file has {size} bytes"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _validated_fraction(value: float | None, name: str, low_inclusive: bool) -> float:
+    if value is None:
+        return 1.0
+    ok = (0 <= value < 1) if low_inclusive else (0 < value <= 1)
+    if isinstance(value, bool) or not ok:
+        interval = "[0, 1)" if low_inclusive else "(0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+def split_by_car(
+    images: list[Path], validation_size: float = 0.2, sample_size: float | None = None, seed: int = 0
+) -> tuple[list[Path], list[Path]]:
+    """Split images into (train, valid) by car id; see DatasetFetcher.get_train_files."""
+    validation_size = _validated_fraction(validation_size, "validation_size", low_inclusive=True)
+    sample_size = _validated_fraction(sample_size, "sample_size", low_inclusive=False)
+    cars = sorted({car_id(p) for p in images})
+    rng = random.Random(seed)
+    kept = rng.sample(cars, math.ceil(len(cars) * sample_size)) if sample_size < 1 else list(cars)
+    rng.shuffle(kept)
+    n_valid = round(len(kept) * validation_size)
+    if validation_size > 0 and len(kept) >= 2:
+        n_valid = min(max(n_valid, 1), len(kept) - 1)  # never an empty side when avoidable
+    valid_cars, train_cars = set(kept[:n_valid]), set(kept[n_valid:])
+    by_name = sorted(images, key=lambda p: p.name)
+    return ([p for p in by_name if car_id(p) in train_cars], [p for p in by_name if car_id(p) in valid_cars])
+
+
+class DatasetFetcher:
+    """Fetches the competition data and lists train/valid/test files.
+
+    ``api`` is a kaggle ``KaggleApi``-like object; when given it is assumed authenticated and
+    ``fetch`` uses it without looking for credentials. Otherwise one is made lazily.
+    """
+
+    def __init__(self, root: Path = Path("data"), competition: str = COMPETITION, hq: bool = False,
+                 api: Any = None, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.competition = competition
+        self.hq = hq
+        self.seed = seed
+        self._api = api
+        self._api_injected = api is not None
+        self.dataset_dir: Path | None = None
+        self.source: str | None = None  # "kaggle", "demo" or "folder"
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            self._api = kaggle_client.make_api()
+        return self._api
+
+    # ------------------------------------------------------------------ getting the data
+
+    def fetch(self) -> Path:
+        """Download + unpack the competition data, or write the demo data if no credentials exist."""
+        if not self._api_injected:
+            source = kaggle_client.find_credentials()
+            if source is None:
+                return self._use_demo()
+            print(f"[fetch] Kaggle credentials from {source}")
+        folder = self.root / (self.competition + ("-hq" if self.hq else ""))
+        (folder / DOWNLOADS).mkdir(parents=True, exist_ok=True)
+        for archive in archives(self.hq):
+            self._fetch_archive(folder, archive)
+        self.dataset_dir, self.source = check_layout(folder), "kaggle"
+        return folder
+
+    def use_folder(self, path: str | Path) -> Path:
+        """Use an existing folder in the Carvana layout (e.g. ../shared/carvana-sample)."""
+        self.dataset_dir, self.source = check_layout(Path(path)), "folder"
+        return self.dataset_dir
+
+    def _use_demo(self) -> Path:
+        from carvana.demo_data import write_demo_dataset  # lazy: only needed without credentials
+
+        folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))
+        bar = "!" * 78
+        print("\n".join([
+            bar,
+            "!!  DEMO DATA IN USE: no Kaggle credentials found, so a small synthetic dataset",
+            f"!!  was written to {folder}. Scores on it say nothing about the competition.",
+            "!!  To use the real Carvana data:",
+            f"!!   1. create an API token at {kaggle_client.TOKEN_URL} and save it as",
+            "!!      ~/.kaggle/kaggle.json, or set KAGGLE_USERNAME + KAGGLE_KEY;",
+            f"!!   2. accept the rules at {kaggle_client.rules_url(self.competition)};",
+            "!!   or pass --data-dir <folder with train/ train_masks/ test/ sample_submission.csv>.",
+            bar,
+        ]), flush=True)
+        self.dataset_dir, self.source = folder, "demo"
+        return folder
+
+    def _fetch_archive(self, folder: Path, archive: Archive) -> None:
+        zip_path = folder / DOWNLOADS / archive.name
+        marker = zip_path.with_name(archive.name + ".done")
+        tmp = folder / f".tmp-{archive.name}"
+        _remove(tmp)  # leftovers of an interrupted unzip are never trusted
+        if self._is_done(folder, archive, marker):
+            print(f"[fetch] {archive.name}: already done")
+            return
+        for attempt in range(2):
+            force = attempt > 0  # the retry discards whatever is on disk
+            if force:
+                _remove(zip_path)
+                _remove(zip_path.with_name(archive.name + ".kaggle-partial"))
+            problem = zip_problem(zip_path)
+            if force or problem:
+                print(f"[fetch] {archive.name}: downloading")
+                problem = self._download(archive.name, zip_path, force)
+            if not problem:
+                try:
+                    self._unpack(folder, archive, zip_path, tmp, marker)
+                    return
+                except (zipfile.BadZipFile, EOFError) as exc:  # CRC error / truncated data in a member
+                    _remove(tmp)
+                    problem = f"corrupt data ({exc})"
+            if attempt == 0:
+                print(f"[fetch] {archive.name}: {problem}; downloading it again")
+        raise CorruptArchiveError(f"{zip_path}: still unusable after downloading it again ({problem}); "
+                                  "delete it and rerun, or check the disk")
+
+    def _download(self, name: str, zip_path: Path, force: bool) -> str | None:
+        """Ask Kaggle for one file; return a problem description if the result is not a whole zip."""
+        try:
+            self.api.competition_download_file(self.competition, name, path=str(zip_path.parent),
+                                               force=force, quiet=False)
+        except ValueError as exc:
+            if "does not match expected size" in str(exc):  # kaggle's own Content-Length check
+                return f"size mismatch ({exc})"
+            raise kaggle_client.explain_kaggle_error(exc, f"downloading {name}", self.competition,
+                                                     path=zip_path) from exc
+        except Exception as exc:
+            raise kaggle_client.explain_kaggle_error(exc, f"downloading {name}", self.competition,
+                                                     path=zip_path) from exc
+        return zip_problem(zip_path)
+
+    @staticmethod
+    def _is_done(folder: Path, archive: Archive, marker: Path) -> bool:
+        try:
+            outputs = json.loads(marker.read_text(encoding="utf-8"))["outputs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        # A marker whose outputs were deleted since means: fetch again.
+        return all((folder / name).exists() for name in outputs)
+
+    def _unpack(self, folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path) -> None:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
+            bad = [i.filename for i in infos if unsafe_member(i.filename)]
+            if bad:  # checked before anything is written (zip-slip)
+                raise UnsafeArchiveError(f"{zip_path}: refusing to extract, member {bad[0]!r} would be "
+                                         f"written outside the target folder ({len(bad)} unsafe member(s))")
+            print(f"[fetch] {archive.name}: unpacking {len(infos)} entries")
+            tmp.mkdir(parents=True)
+            try:
+                for info in infos:
+                    zf.extract(info, tmp)
+            except OSError as exc:
+                _remove(tmp)  # frees the space; the zip itself is kept for the rerun
+                if exc.errno == errno.ENOSPC:
+                    raise kaggle_client.explain_kaggle_error(
+                        exc, f"unpacking {archive.name}", self.competition,
+                        path=exc.filename or tmp) from exc
+                raise
+        found = sorted(p.name for p in tmp.iterdir())
+        missing = [src for src in archive.outputs if src not in found]
+        if missing:
+            _remove(tmp)
+            raise CorruptArchiveError(f"{zip_path}: expected {', '.join(missing)} at the top of the "
+                                      f"archive, found {', '.join(found) or 'nothing'}")
+        for src, dst in archive.outputs.items():
+            _remove(folder / dst)  # a half-moved output of an interrupted run
+            os.replace(tmp / src, folder / dst)
+        partial = marker.with_name(marker.name + ".partial")
+        partial.write_text(json.dumps({"archive": archive.name, "outputs": sorted(archive.outputs.values()),
+                                       "entries": len(infos)}), encoding="utf-8")
+        os.replace(partial, marker)
+        _remove(tmp)
+        zip_path.unlink()  # the hq archives are GBs; the marker alone records completion
+
+    # ------------------------------------------------------------------ listing files
+
+    def _folder(self) -> Path:
+        if self.dataset_dir is None:
+            raise RuntimeError("no dataset yet: call fetch() or use_folder() first")
+        return self.dataset_dir
+
+    def get_train_files(
+        self, validation_size: float = 0.2, sample_size: float | None = None, seed: int = 0
+    ) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
+        """Return (train_images, train_masks, valid_images, valid_masks), split by car id.
+
+        ``sample_size`` keeps ceil(fraction * cars) cars (without replacement) before the split;
+        ``validation_size`` in [0, 1) is the fraction of kept cars held out (at least one car when
+        > 0 and two or more cars are kept). Seeded and deterministic; lists sorted by name.
+        """
+        folder = self._folder()
+        images = sorted((folder / "train").glob("*.jpg"))
+        if not images:
+            raise DatasetLayoutError(f"{folder / 'train'}: no .jpg training images")
+        masks_dir = folder / "train_masks"
+        present = {p.name for p in masks_dir.iterdir()}
+        orphans = [p for p in images if mask_path_for(p, masks_dir).name not in present]
+        if orphans:
+            raise FileNotFoundError(
+                f"{orphans[0]}: training image has no mask {mask_path_for(orphans[0], masks_dir)} "
+                f"({len(orphans)} image(s) without a mask)")
+        train, valid = split_by_car(images, validation_size, sample_size, seed)
+        return (train, [mask_path_for(p, masks_dir) for p in train],
+                valid, [mask_path_for(p, masks_dir) for p in valid])
+
+    def get_test_files(self, sample_size: float | None = None) -> list[Path]:
+        """Test images in sample_submission.csv order; ``sample_size`` keeps the first ceil(n * fraction)."""
+        fraction = _validated_fraction(sample_size, "sample_size", low_inclusive=False)
+        folder = self._folder()
+        csv_path = folder / "sample_submission.csv"
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "img" not in reader.fieldnames:
+                raise ValueError(f"{csv_path}: expected a header with an 'img' column, got {reader.fieldnames}")
+            names = [row["img"] for row in reader]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{csv_path}: image names are listed more than once")
+        present = set(os.listdir(folder / "test"))  # one listing instead of 100k stat calls
+        paths = [folder / "test" / name for name in names]
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise FileNotFoundError(f"{folder / 'test'}: {len(missing)} image(s) listed in {csv_path.name} are "
+                                    f"missing, e.g. {', '.join(missing[:5])}")
+        return paths[: math.ceil(len(paths) * fraction)]
