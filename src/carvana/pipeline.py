@@ -1,0 +1,205 @@
+"""The end-to-end run behind ``python main.py``, as one straight line of stages.
+
+fetch -> split -> loaders -> model -> train -> predict (streaming) -> validate -> [upload]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from carvana import distributed as dist
+from carvana.checkpoint import ModelSaverCallback, load_checkpoint
+from carvana.classifier import CarvanaClassifier
+from carvana.datasets import TestImageDataset, TrainImageDataset, seed_worker, train_augmentation
+from carvana.fetcher import DatasetFetcher
+from carvana.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
+from carvana.model import UNet1024, parse_input_size
+from carvana.predictions import PredictionsSaverCallback
+from carvana.sharded import predict_to_submission
+from carvana.submission import validate_submission
+
+MODELS_DIR = Path("output/models")
+LOGS_DIR = Path("logs")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run(hp: SimpleNamespace) -> str:
+    """The run name: --run, else (with --resume) the latest run that has last.pt, else a timestamp."""
+    if hp.run:
+        return hp.run
+    if hp.resume:
+        runs = sorted(MODELS_DIR.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise SystemExit(f"--resume: no run with a last.pt under {MODELS_DIR}; start one without --resume")
+        return runs[-1].parent.name
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool) -> DataLoader:
+    """A DataLoader that shards by rank under torchrun and seeds augmentation per worker."""
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if dist.is_distributed() and shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=shuffle and len(dataset) > batch_size,  # no BatchNorm on a 1-image tail batch
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def run_pipeline(hp: SimpleNamespace) -> int:
+    """Run every stage; returns the process exit code."""
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def stage_done(name: str) -> None:
+        nonlocal clock
+        times[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    device = dist.init(hp.device)
+    main_process = dist.is_main_process()
+    seed_everything(hp.seed)
+    input_hw = parse_input_size(hp.input_size)
+    run = dist.broadcast_object(resolve_run(hp) if main_process else None)
+    models_dir, log_dir = MODELS_DIR / run, LOGS_DIR / run
+    if main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        write_json(log_dir / "hparams.json", vars(hp))
+
+    # 1. data: rank 0 downloads / writes the demo data, the others wait and reuse it.
+    fetcher = DatasetFetcher(root=Path(hp.data_root), hq=hp.hq, seed=hp.seed)
+    if hp.data_dir:
+        fetcher.use_folder(Path(hp.data_dir))
+    else:
+        if main_process:
+            fetcher.fetch()
+        where = dist.broadcast_object((str(fetcher.dataset_dir), fetcher.source) if main_process else None)
+        if not main_process:
+            fetcher.use_folder(Path(where[0]))
+            fetcher.source = where[1]
+    train_images, train_masks, valid_images, valid_masks = fetcher.get_train_files(hp.validation_size, hp.sample_size, hp.seed)
+    test_images = fetcher.get_test_files(hp.test_sample_size)
+    if main_process:
+        print(f"data: {fetcher.source} at {fetcher.dataset_dir}: {len(train_images)} train / "
+              f"{len(valid_images)} valid images (split by car), {len(test_images)} test images")
+    stage_done("data")
+
+    # 2. model and classifier
+    classifier = CarvanaClassifier(
+        UNet1024(width=hp.width), epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
+        scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
+        grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
+        sync_batchnorm=hp.sync_batchnorm,
+    )
+    pin = classifier.device.type == "cuda"
+    last_path = models_dir / "last.pt"
+    if hp.resume and last_path.exists():
+        classifier.load_state_dict(load_checkpoint(last_path, classifier.device))
+        if main_process:
+            print(f"resuming run {run} from {last_path} after epoch {classifier.epoch + 1}")
+
+    # 3. train
+    if hp.train and classifier.epoch + 1 < hp.epochs:
+        augment = train_augmentation(hp.seed) if hp.augment else None
+        train_loader = make_loader(TrainImageDataset(train_images, train_masks, input_hw, augment),
+                                   hp.batch_size, True, hp.workers, hp.seed, pin)
+        valid_loader = make_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
+                                   hp.batch_size, False, hp.workers, hp.seed, pin) if valid_images else None
+        if dist.is_distributed() and valid_loader is not None:
+            # Each rank scores a disjoint shard; Dice/loss sums are all-reduced (see validate()).
+            valid_loader = make_sharded_loader(valid_loader.dataset, hp, pin)
+        callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run {run}"),
+                     ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
+        classifier.train(train_loader, valid_loader, hp.epochs, callbacks)
+    stage_done("train")
+
+    # 4. predict with the best weights, streaming rows into the submission
+    weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
+    if weights.exists():
+        classifier.load_state_dict(load_checkpoint(weights, classifier.device), weights_only=True)
+    elif not hp.train:
+        raise SystemExit(f"--no-train needs weights: {weights} does not exist (pass --checkpoint PATH)")
+    names = [p.name for p in test_images]
+    output = Path(hp.output)
+    rows = predict_to_submission(
+        classifier, test_images, output, input_hw, threshold=hp.threshold, chunk_size=hp.chunk_size,
+        postprocess_workers=hp.postprocess_workers, batch_size=hp.predict_batch_size, loader_workers=hp.workers,
+        tta=hp.tta, tag=weights_tag(weights),
+    )
+    stage_done("predict")
+
+    # 5. validate (and upload) on rank 0
+    summary: dict[str, Any] = {}
+    if main_process:
+        report = validate_submission(output, names)
+        print(report)
+        complete = len(names) == len(fetcher.get_test_files(None))
+        summary = {
+            "run": run, "data": fetcher.source, "dataset_dir": str(fetcher.dataset_dir),
+            "train_images": len(train_images), "valid_images": len(valid_images), "test_images": len(names),
+            "epochs_trained": classifier.epoch + 1,
+            "best_valid_dice": classifier.best_metric if classifier.best_metric > -1e9 else None,
+            "submission": str(output), "rows": rows, "valid_submission": report.ok, "seconds_per_stage": times,
+        }
+        if hp.submit:
+            if not (report.ok and complete):
+                raise SystemExit("not uploading: the submission is invalid or covers only a sample of the test set")
+            from carvana.kaggle_client import submit
+
+            submit(output, hp.message)
+        stage_done("validate")
+        summary["seconds_per_stage"] = times
+        write_json(log_dir / "summary.json", summary)
+        print_summary(summary, output, complete and report.ok)
+    dist.shutdown()
+    return 0 if not summary or summary["valid_submission"] else 1
+
+
+def make_sharded_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
+    sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
+    return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.workers, pin_memory=pin)
+
+
+def weights_tag(path: Path) -> str:
+    """Identifies the weights a partial submission was made with (resume only with the same)."""
+    if not path.exists():
+        return "untrained"
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_summary(summary: dict[str, Any], output: Path, submittable: bool) -> None:
+    print("\n=== summary ===")
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
+    if submittable:
+        print(f"\nUpload with:  kaggle competitions submit -c carvana-image-masking-challenge -f {output} -m \"...\"\n"
+              f"         or:  python main.py --no-train --submit --run {summary['run']}")

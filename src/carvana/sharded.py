@@ -1,0 +1,117 @@
+"""Predict the test set into one submission file, in one process or sharded over ranks.
+
+Chunks of ``chunk_size`` names are the unit of work: in one process they are written in
+order by a single PredictionsSaverCallback. Under torchrun rank ``r`` predicts chunks
+r, r+W, r+2W, ... into its own shard file (one gzip member per chunk, resumable like the
+single file), and rank 0 then interleaves the members back into global order. Each
+member is the same bytes either way (gzip with mtime=0), so the sharded file is
+byte-identical to the single-process one.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch.utils.data import DataLoader
+
+from carvana import distributed as dist
+from carvana.datasets import TestImageDataset
+from carvana.predictions import PredictionsSaverCallback
+
+
+def shard_names(names: Sequence[str], chunk_size: int, rank: int, world: int) -> list[str]:
+    """The names of global chunks rank, rank+world, ... in order."""
+    n_chunks = -(-len(names) // chunk_size)
+    return [n for k in range(rank, n_chunks, world) for n in names[k * chunk_size : (k + 1) * chunk_size]]
+
+
+def gzip_member_ends(path: Path, block: int = 1 << 20) -> list[int]:
+    """Byte offsets where each gzip member of ``path`` ends, streaming in ``block``-sized reads."""
+    ends, pos = [], 0
+    inflater = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            while data:
+                inflater.decompress(data, 1 << 22)  # output discarded; bounded per call
+                while inflater.unconsumed_tail and not inflater.eof:
+                    inflater.decompress(inflater.unconsumed_tail, 1 << 22)
+                if inflater.eof:
+                    used = len(data) - len(inflater.unused_data)
+                    pos += used
+                    ends.append(pos)
+                    data = inflater.unused_data
+                    inflater = zlib.decompressobj(wbits=31)
+                else:
+                    pos += len(data)
+                    data = b""
+    return ends
+
+
+def assemble_shards(output: Path, shards: Sequence[Path]) -> None:
+    """Interleave the members of ``shards`` (rank order) into ``output``, atomically."""
+    spans = []
+    for shard in shards:
+        ends = gzip_member_ends(shard)
+        spans.append(list(zip([0] + ends[:-1], ends)))
+    tmp = output.with_name(output.name + ".assembling")
+    handles = [open(s, "rb") for s in shards]
+    try:
+        with open(tmp, "wb") as out:
+            for k in range(sum(len(s) for s in spans)):
+                rank, local = k % len(shards), k // len(shards)
+                start, end = spans[rank][local]
+                handles[rank].seek(start)
+                out.write(handles[rank].read(end - start))
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for h in handles:
+            h.close()
+    os.replace(tmp, output)
+    for shard in shards:
+        shard.unlink()
+
+
+def predict_to_submission(
+    classifier: Any,
+    test_images: Sequence[Path],
+    output: Path,
+    input_hw: tuple[int, int],
+    threshold: float = 0.5,
+    chunk_size: int = 256,
+    postprocess_workers: int = 2,
+    batch_size: int = 8,
+    loader_workers: int = 2,
+    tta: bool = False,
+    tag: str = "",
+) -> int:
+    """Predict ``test_images`` (in order) into ``output`` (.csv.gz); returns the row count.
+
+    Resumes from complete chunks left by an interrupted run with the same ``tag``.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    names = [p.name for p in test_images]
+    by_name = {p.name: p for p in test_images}
+    rank, world = dist.rank(), dist.world_size()
+    mine = shard_names(names, chunk_size, rank, world)
+    path = output if world == 1 else output.with_name(f"{output.name}.rank{rank}-of-{world}")
+    if mine:
+        saver = PredictionsSaverCallback(path, mine, threshold, chunk_size, postprocess_workers, header=rank == 0, tag=tag)
+        todo = [by_name[n] for n in saver.remaining()]
+        if len(todo) < len(mine) and dist.is_main_process():
+            print(f"prediction: resuming, {len(mine) - len(todo)} rows already written")
+        dataset = TestImageDataset(todo, input_hw)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers if todo else 0,
+                            pin_memory=classifier.device.type == "cuda")
+        classifier.predict(loader, [saver], tta=tta)
+    if world > 1:
+        dist.barrier()
+        if dist.is_main_process():
+            shards = [output.with_name(f"{output.name}.rank{r}-of-{world}") for r in range(world) if shard_names(names, chunk_size, r, world)]
+            assemble_shards(output, shards)
+        dist.barrier()
+    return len(names)

@@ -1,0 +1,309 @@
+"""Kaggle submission files: read, validate and score ``img,rle_mask`` CSVs.
+
+A submission is a CSV (plain, or gzip when it starts with the gzip magic bytes;
+a ``.gz`` name must be gzip) with the header ``img,rle_mask`` and one
+``<image name>,<RLE>`` row per test image.  Everything here streams the file
+row by row and works on run arrays (never full 1918x1280 masks), so the full
+100,064-row, ~1 GB competition file validates in seconds.
+
+CLI::
+
+    python -m carvana.submission validate FILE --sample-submission CSV   # exit 1 if invalid
+    python -m carvana.submission score FILE --solution CSV               # prints the mean Dice
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from carvana.layout import ORIG_SHAPE, SUBMISSION_HEADER
+from carvana.rle import RLEError, rle_to_runs
+
+HEADER_LINE = ",".join(SUBMISSION_HEADER)
+
+# Problem kinds, in report order, with what each means.
+PROBLEM_KINDS = {
+    "unreadable": "file could not be read (checks stopped there)",
+    "header": f"first line is not exactly {HEADER_LINE!r}",
+    "bad_row": "row without exactly two fields",
+    "missing": "expected image with no row",
+    "unexpected": "row for an image that is not expected",
+    "duplicate": "second or later row for the same image",
+    "malformed": "RLE token that is not a non-negative integer",
+    "odd_count": "RLE with an odd number of values",
+    "nonpositive": "RLE start or length < 1",
+    "out_of_bounds": "RLE run past the last pixel",
+    "order": "RLE starts not increasing / runs overlapping",
+    "touching": "RLE run touching the previous one (not merged)",
+}
+
+
+class SubmissionError(ValueError):
+    """A submission or solution file that cannot be used; the message names the file."""
+
+
+def _open_text(path: Path) -> io.TextIOWrapper:
+    """Open a CSV as text, transparently gunzipping it."""
+    try:
+        raw = path.open("rb")
+    except OSError as exc:
+        raise SubmissionError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == b"\x1f\x8b":
+        raw.close()
+        stream = gzip.open(path, "rb")  # owns (and closes) its file, unlike GzipFile(fileobj=)
+    elif path.suffix == ".gz":
+        raw.close()
+        raise SubmissionError(f"{path}: named .gz but is not a gzip file (starts with {magic!r})")
+    else:
+        stream = raw
+    # utf-8-sig: a BOM written by some editors is not part of the header
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line without its newline); read errors -> SubmissionError."""
+    path = Path(path)
+    line_no = 0
+    with _open_text(path) as text:
+        try:
+            for line_no, line in enumerate(text, 1):
+                yield line_no, line.rstrip("\n")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+            what = "gzip data" if isinstance(exc, (OSError, EOFError, zlib.error)) else "text"
+            raise SubmissionError(f"{path}: unreadable {what} after line {line_no}: {exc}") from exc
+
+
+def split_row(line: str) -> list[str]:
+    """'name,rle' -> [name, rle]; quoted fields (rare) go through the csv module."""
+    if '"' in line:
+        return next(csv.reader([line]), [])
+    return line.split(",")
+
+
+def read_submission(path: str | Path) -> dict[str, str]:
+    """Read a whole submission (or solution) as {image name: RLE string}, in file order.
+
+    Checks the header and the row shape and rejects duplicate names; the RLE
+    strings themselves are returned unchecked (see ``validate_submission``).
+    """
+    rows: dict[str, str] = {}
+    header_seen = False
+    for line_no, line in iter_lines(path):
+        if line_no == 1:
+            if line != HEADER_LINE:
+                raise SubmissionError(f"{path}: header is {line[:60]!r}, expected {HEADER_LINE!r}")
+            header_seen = True
+            continue
+        if not line:
+            continue
+        fields = split_row(line)
+        if len(fields) != 2:
+            raise SubmissionError(f"{path}: line {line_no}: expected 2 fields, got {len(fields)}")
+        if fields[0] in rows:
+            raise SubmissionError(f"{path}: line {line_no}: duplicate row for {fields[0]!r}")
+        rows[fields[0]] = fields[1]
+    if not header_seen:
+        raise SubmissionError(f"{path}: empty file, expected the header {HEADER_LINE!r}")
+    return rows
+
+
+def expected_names(sample_submission_csv: str | Path) -> list[str]:
+    """The image names of a sample submission, in file order (at least one)."""
+    names = list(read_submission(sample_submission_csv))
+    if not names:
+        raise SubmissionError(f"{sample_submission_csv}: no image rows after the header")
+    return names
+
+
+@dataclass
+class SubmissionReport:
+    """Outcome of ``validate_submission``: problems grouped by kind (see PROBLEM_KINDS)."""
+
+    path: str
+    ok: bool
+    n_rows: int
+    n_expected: int
+    counts: dict[str, int] = field(default_factory=dict)  # kind -> number of problems
+    examples: dict[str, list[str]] = field(default_factory=dict)  # kind -> the first few
+
+    def __str__(self) -> str:
+        if self.ok:
+            return (f"{self.path}: OK - {self.n_rows:,} rows, all {self.n_expected:,} expected "
+                    "images present once, every RLE well formed")
+        total = sum(self.counts.values())
+        lines = [f"{self.path}: INVALID - {total:,} problem(s) of {len(self.counts)} kind(s) "
+                 f"in {self.n_rows:,} rows ({self.n_expected:,} images expected)"]
+        for kind in PROBLEM_KINDS:
+            if kind not in self.counts:
+                continue
+            lines.append(f"  {kind} ({self.counts[kind]:,}): {PROBLEM_KINDS[kind]}")
+            lines += [f"    - {example}" for example in self.examples[kind]]
+            if self.counts[kind] > len(self.examples[kind]):
+                lines.append(f"    ... and {self.counts[kind] - len(self.examples[kind]):,} more")
+        return "\n".join(lines)
+
+
+def validate_submission(
+    path: str | Path,
+    expected: Sequence[str],
+    shape: tuple[int, int] = ORIG_SHAPE,
+    max_examples: int = 5,
+) -> SubmissionReport:
+    """Check a submission file without decoding masks; never raises for a bad file.
+
+    Checks: readable (gzip / UTF-8), header exactly ``img,rle_mask``, exactly one
+    row per expected image (missing, unexpected, duplicate rows), and every RLE
+    well formed and canonical within ``shape`` (see ``carvana.rle.rle_to_runs``).
+    """
+    n_pixels = shape[0] * shape[1]
+    expected_set = set(expected)
+    counts: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+
+    def problem(kind: str, message: str) -> None:
+        counts[kind] = counts.get(kind, 0) + 1
+        shown = examples.setdefault(kind, [])
+        if len(shown) < max_examples:
+            shown.append(message)
+
+    seen: set[str] = set()
+    n_rows = 0
+    line_no = 0
+    try:
+        for line_no, line in iter_lines(path):
+            if line_no == 1 and line != HEADER_LINE:
+                problem("header", f"line 1 is {line[:60]!r}, expected {HEADER_LINE!r}")
+                if not line.split(",")[0].endswith(".jpg"):
+                    continue  # a wrong header; otherwise a missing one, and this is a row
+            elif line_no == 1 or not line:
+                continue
+            n_rows += 1
+            fields = split_row(line)
+            if len(fields) != 2:
+                problem("bad_row", f"line {line_no}: {len(fields)} fields: {line[:60]!r}")
+                continue
+            name, rle = fields
+            if name in seen:
+                problem("duplicate", f"line {line_no}: {name}")
+            elif name not in expected_set:
+                problem("unexpected", f"line {line_no}: {name[:60]!r}")
+            seen.add(name)
+            try:
+                rle_to_runs(rle, n_pixels, strict=True)
+            except RLEError as exc:
+                problem(exc.kind, f"line {line_no}, {name[:60]}: {exc}")
+    except SubmissionError as exc:
+        problem("unreadable", str(exc))
+    else:
+        if line_no == 0:
+            problem("header", f"empty file, expected the header {HEADER_LINE!r}")
+        for name in expected:
+            if name not in seen:
+                problem("missing", name)
+    return SubmissionReport(str(path), not counts, n_rows, len(expected_set), counts, examples)
+
+
+def dice_from_runs(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice 2|A∩B| / (|A|+|B|) of two masks given as sorted, disjoint runs; 1.0 if both are empty.
+
+    |A∩B| = |A| + |B| - |A∪B|, and the union of the merged, start-sorted runs is
+    measured with a running maximum of run ends: O(k log k), no mask decoded.
+    """
+    size_a, size_b = int(a[:, 1].sum()), int(b[:, 1].sum())
+    if size_a + size_b == 0:
+        return 1.0
+    if size_a == 0 or size_b == 0:
+        return 0.0
+    both = np.concatenate([a, b])
+    both = both[np.argsort(both[:, 0], kind="stable")]
+    starts, ends = both[:, 0], both[:, 0] + both[:, 1]  # [start, end), 1-indexed
+    covered = np.maximum.accumulate(ends)  # furthest end among the runs so far
+    fresh = np.maximum(ends[1:] - np.maximum(starts[1:], covered[:-1]), 0)  # newly covered pixels
+    union = int(ends[0] - starts[0]) + int(fresh.sum())
+    return 2.0 * (size_a + size_b - union) / (size_a + size_b)
+
+
+def score_submission(
+    submission_path: str | Path, solution_path: str | Path, shape: tuple[int, int] = ORIG_SHAPE
+) -> float:
+    """Mean Dice of the submission over the solution's images (the competition metric).
+
+    Rows of the submission for images not in the solution are ignored, so a
+    full submission can be scored on a labelled subset.  A solution image with
+    no row, a duplicate row, or a malformed RLE raises ``SubmissionError``.
+    """
+    n_pixels = shape[0] * shape[1]
+    truth = {}
+    for name, rle in read_submission(solution_path).items():
+        try:
+            truth[name] = rle_to_runs(rle, n_pixels, strict=False)
+        except RLEError as exc:
+            raise SubmissionError(f"{solution_path}: {name}: {exc}") from exc
+    if not truth:
+        raise SubmissionError(f"{solution_path}: no images to score")
+    scores: dict[str, float] = {}
+    for line_no, line in iter_lines(submission_path):
+        if line_no == 1:
+            if line != HEADER_LINE:
+                raise SubmissionError(f"{submission_path}: header is {line[:60]!r}, expected {HEADER_LINE!r}")
+            continue
+        fields = split_row(line)
+        if len(fields) != 2 or fields[0] not in truth:
+            continue
+        name, rle = fields
+        if name in scores:
+            raise SubmissionError(f"{submission_path}: line {line_no}: duplicate row for {name}")
+        try:
+            runs = rle_to_runs(rle, n_pixels, strict=False)
+        except RLEError as exc:
+            raise SubmissionError(f"{submission_path}: line {line_no}, {name}: {exc}") from exc
+        scores[name] = dice_from_runs(runs, truth[name])
+    missing = [name for name in truth if name not in scores]
+    if missing:
+        raise SubmissionError(
+            f"{submission_path}: {len(missing)} of the solution's {len(truth)} images have no row "
+            f"(first: {', '.join(missing[:5])})"
+        )
+    return float(np.mean(list(scores.values())))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 invalid / error)."""
+    parser = argparse.ArgumentParser(prog="python -m carvana.submission",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_val = sub.add_parser("validate", help="check a submission file; exit 1 with a report if invalid")
+    p_val.add_argument("file", type=Path)
+    p_val.add_argument("--sample-submission", type=Path, required=True, help="CSV naming the expected images")
+    p_val.add_argument("--max-examples", type=int, default=5, help="problems listed per kind (default 5)")
+    p_score = sub.add_parser("score", help="mean Dice against a solution CSV")
+    p_score.add_argument("file", type=Path)
+    p_score.add_argument("--solution", type=Path, required=True, help="CSV with the true masks as RLE")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "validate":
+            report = validate_submission(args.file, expected_names(args.sample_submission),
+                                         max_examples=args.max_examples)
+            print(report)
+            return 0 if report.ok else 1
+        print(f"mean Dice: {score_submission(args.file, args.solution):.6f}")
+        return 0
+    except SubmissionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
