@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -279,6 +280,21 @@ def score_submission(
     return float(np.mean(list(scores.values())))
 
 
+def upload_submission(path: str | Path, expected: Sequence[str], message: str, api: Any = None) -> Any:
+    """Validate ``path`` against ``expected`` and upload it to Kaggle only if it passes.
+
+    Raises SubmissionError (with the full report) for an invalid file: nothing is sent.
+    Kaggle's own errors (no credentials, 401, 403 rules not accepted) come from
+    carvana.kaggle_client with what to do about them.
+    """
+    from carvana.kaggle_client import submit  # imported late: validation needs no kaggle package
+
+    report = validate_submission(path, expected)
+    if not report.ok:
+        raise SubmissionError(f"not uploading {path}: it is not a valid submission\n{report}")
+    return submit(path, message, api=api)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 invalid / error)."""
     parser = argparse.ArgumentParser(prog="python -m carvana.submission",
@@ -291,8 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_score = sub.add_parser("score", help="mean Dice against a solution CSV")
     p_score.add_argument("file", type=Path)
     p_score.add_argument("--solution", type=Path, required=True, help="CSV with the true masks as RLE")
+    p_up = sub.add_parser("upload", help="validate, then upload to Kaggle (needs credentials)")
+    p_up.add_argument("file", type=Path)
+    p_up.add_argument("--sample-submission", type=Path, required=True, help="CSV naming the expected images")
+    p_up.add_argument("-m", "--message", required=True, help="Kaggle submission message")
     args = parser.parse_args(argv)
     try:
+        if args.command == "upload":
+            response = upload_submission(args.file, expected_names(args.sample_submission), args.message)
+            print(f"uploaded {args.file}: {getattr(response, 'message', response)}")
+            return 0
         if args.command == "validate":
             report = validate_submission(args.file, expected_names(args.sample_submission),
                                          max_examples=args.max_examples)
@@ -300,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if report.ok else 1
         print(f"mean Dice: {score_submission(args.file, args.solution):.6f}")
         return 0
-    except SubmissionError as exc:
+    except (SubmissionError, RuntimeError) as exc:  # RuntimeError: KaggleError and subclasses
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
