@@ -1,0 +1,83 @@
+"""`python main.py` end to end on a tiny demo dataset, in a fresh working directory."""
+
+import csv
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carvana.checkpoint import load_checkpoint
+from carvana.demo_data import write_demo_dataset
+from carvana.submission import expected_names, validate_submission
+
+MAIN = Path(__file__).resolve().parents[1] / "main.py"
+TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0",
+        "--validation-size", "0.5", "--predict-batch-size", "4", "--chunk-size", "5"]
+
+
+def run_main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch run on 2 train cars + 1 test car; later tests reuse its folder."""
+    cwd = tmp_path_factory.mktemp("run")
+    data = write_demo_dataset(cwd / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
+    result = run_main(cwd, "--data-dir", str(data), "--epochs", "2", "--run", "r1", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, data, result
+
+
+def test_run_writes_a_valid_submission_checkpoints_and_logs(trained):
+    cwd, data, result = trained
+    names = expected_names(data / "sample_submission.csv")
+    report = validate_submission(cwd / "output" / "submit.csv.gz", names)
+    assert report.ok and report.n_rows == len(names) == 16, str(report)
+    assert "=== summary ===" in result.stdout and "Upload with" in result.stdout
+    for ckpt in ("last.pt", "best.pt"):
+        state = load_checkpoint(cwd / "output" / "models" / "r1" / ckpt)
+        assert state["hparams"]["input_size"] == "64x64"
+    logs = cwd / "logs" / "r1"
+    rows = list(csv.DictReader(open(logs / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    summary = json.loads((logs / "summary.json").read_text())
+    assert summary["rows"] == 16 and summary["valid_submission"] is True and summary["epochs_trained"] == 2
+    assert set(summary["seconds_per_stage"]) == {"data", "train", "predict", "validate"}
+    assert json.loads((logs / "hparams.json").read_text())["epochs"] == 2
+    assert (logs / "preview_epoch002.png").exists()
+    assert not list((cwd / "output").glob("*.partial*"))  # no leftovers of the streaming writer
+
+
+def test_predicting_from_the_checkpoint_reproduces_the_submission(trained):
+    cwd, data, _ = trained
+    best = cwd / "output" / "models" / "r1" / "best.pt"
+    result = run_main(cwd, "--data-dir", str(data), "--no-train", "--checkpoint", str(best),
+                      "--output", "output/again.csv.gz", "--run", "r1-predict", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = gzip.decompress((cwd / "output" / "submit.csv.gz").read_bytes())
+    assert gzip.decompress((cwd / "output" / "again.csv.gz").read_bytes()) == first
+
+
+def test_resume_continues_at_the_next_epoch(trained):
+    cwd, data, _ = trained
+    result = run_main(cwd, "--data-dir", str(data), "--epochs", "3", "--resume", "--run", "r1", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming run r1" in result.stdout and "epoch 3/3" in result.stdout and "epoch 1/3" not in result.stdout
+    rows = list(csv.DictReader(open(cwd / "logs" / "r1" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert load_checkpoint(cwd / "output" / "models" / "r1" / "last.pt")["epoch"] == 2
+
+
+def test_no_train_without_weights_is_a_clear_error(tmp_path):
+    data = write_demo_dataset(tmp_path / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
+    result = run_main(tmp_path, "--data-dir", str(data), "--no-train", "--run", "nothing", *TINY)
+    assert result.returncode != 0 and "--no-train needs weights" in result.stderr
+
+
+def test_unknown_flag_and_wrong_type_are_errors(tmp_path):
+    assert "unrecognized arguments: --epoch" in run_main(tmp_path, "--epoch", "3").stderr
+    assert "expected int" in run_main(tmp_path, "--epochs", "three").stderr
