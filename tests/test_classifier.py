@@ -158,12 +158,12 @@ def test_ctrl_c_saves_the_current_state_and_says_how_to_resume(tmp_path, capsys)
                 raise KeyboardInterrupt
 
     clf = make_classifier(epochs=4)
-    saver = ModelSaverCallback(tmp_path, {}, resume_hint="python main.py --resume --run demo")
+    saver = ModelSaverCallback(tmp_path, {}, resume_hint="python main.py --resume --run-name demo")
     with pytest.raises(KeyboardInterrupt):
         clf.train(synthetic_batches(2), synthetic_batches(1), callbacks=[saver, CtrlC()])
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["interrupted"] is True and state["epoch"] == 1
-    assert "python main.py --resume --run demo" in capsys.readouterr().out
+    assert "python main.py --resume --run-name demo" in capsys.readouterr().out
 
 
 def test_loading_a_non_checkpoint_is_a_clear_error(tmp_path):

@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     """One 2-epoch run on 2 train cars + 1 test car; later tests reuse its folder."""
     cwd = tmp_path_factory.mktemp("run")
     data = write_demo_dataset(cwd / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
-    result = run_main(cwd, "--data-dir", str(data), "--epochs", "2", "--run", "r1", *TINY)
+    result = run_main(cwd, "--data-dir", str(data), "--epochs", "2", "--run-name", "r1", *TINY)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, data, result
 
@@ -56,7 +56,7 @@ def test_predicting_from_the_checkpoint_reproduces_the_submission(trained):
     cwd, data, _ = trained
     best = cwd / "output" / "models" / "r1" / "best.pt"
     result = run_main(cwd, "--data-dir", str(data), "--no-train", "--checkpoint", str(best),
-                      "--output", "output/again.csv.gz", "--run", "r1-predict", *TINY)
+                      "--output", "output/again.csv.gz", "--run-name", "r1-predict", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     first = gzip.decompress((cwd / "output" / "submit.csv.gz").read_bytes())
     assert gzip.decompress((cwd / "output" / "again.csv.gz").read_bytes()) == first
@@ -64,7 +64,7 @@ def test_predicting_from_the_checkpoint_reproduces_the_submission(trained):
 
 def test_resume_continues_at_the_next_epoch(trained):
     cwd, data, _ = trained
-    result = run_main(cwd, "--data-dir", str(data), "--epochs", "3", "--resume", "--run", "r1", *TINY)
+    result = run_main(cwd, "--data-dir", str(data), "--epochs", "3", "--resume", "--run-name", "r1", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming run r1" in result.stdout and "epoch 3/3" in result.stdout and "epoch 1/3" not in result.stdout
     rows = list(csv.DictReader(open(cwd / "logs" / "r1" / "metrics.csv")))
@@ -74,7 +74,7 @@ def test_resume_continues_at_the_next_epoch(trained):
 
 def test_no_train_without_weights_is_a_clear_error(tmp_path):
     data = write_demo_dataset(tmp_path / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
-    result = run_main(tmp_path, "--data-dir", str(data), "--no-train", "--run", "nothing", *TINY)
+    result = run_main(tmp_path, "--data-dir", str(data), "--no-train", "--run-name", "nothing", *TINY)
     assert result.returncode != 0 and "--no-train needs weights" in result.stderr
 
 

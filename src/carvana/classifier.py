@@ -58,8 +58,8 @@ class CarvanaClassifier:
         self.channels_last = channels_last and cuda
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
-        if sync_batchnorm and dist.is_distributed():
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if sync_batchnorm:
+            self.model = dist.maybe_sync_batchnorm(self.model, self.device)
         # `net` is what runs forward passes: possibly DDP-wrapped and/or compiled;
         # `model` stays the plain module whose state_dict goes into checkpoints.
         self.net: nn.Module = dist.wrap_model(self.model, self.device)
@@ -179,6 +179,8 @@ class CarvanaClassifier:
             count += images.shape[0]
             if self.progress:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+        # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
+        dist.broadcast_buffers(self.model)
         return dist.all_reduce_mean(total, count)
 
     def _step_scheduler(self, metrics: dict[str, float]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as td
 from torch import nn
+from torch.utils.data import Sampler
 
 
 def launched_by_torchrun() -> bool:
@@ -70,6 +71,52 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def maybe_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with SyncBatchNorm layers when distributed on GPUs, else unchanged.
+
+    torch's SyncBatchNorm only runs on accelerators; on the CPU (gloo) each rank keeps
+    its own batch statistics, and rank 0 says so once.
+    """
+    if not is_distributed():
+        return model
+    if device.type != "cuda":
+        if is_main_process():
+            print("sync-batchnorm: SyncBatchNorm needs GPUs; on the CPU each process normalises its own batch")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last
+    step of an epoch every rank holds stats updated by its own last batch. Evaluating
+    with those would score slightly different models on different shards.
+    """
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        td.broadcast(buf, src=0)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank+W, rank+2W, ... of a dataset: every index exactly once over all
+    ranks, unlike DistributedSampler, which pads shards to equal length by repeating
+    samples (that would count some validation images twice)."""
+
+    def __init__(self, size: int, shard: int | None = None, shards: int | None = None) -> None:
+        # Defaults: this process's rank and the world size (0 and 1 outside torchrun).
+        self.size = size
+        self.rank = rank() if shard is None else shard
+        self.world = world_size() if shards is None else shards
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

@@ -40,9 +40,9 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_run(hp: SimpleNamespace) -> str:
-    """The run name: --run, else (with --resume) the latest run that has last.pt, else a timestamp."""
-    if hp.run:
-        return hp.run
+    """The run name: --run-name, else (with --resume) the latest run that has last.pt, else a timestamp."""
+    if hp.run_name:
+        return hp.run_name
     if hp.resume:
         runs = sorted(MODELS_DIR.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
         if not runs:
@@ -54,6 +54,7 @@ def resolve_run(hp: SimpleNamespace) -> str:
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool) -> DataLoader:
     """A DataLoader that shards by rank under torchrun and seeds augmentation per worker."""
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if dist.is_distributed() and shuffle else None
+    per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -61,10 +62,10 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin,
-        drop_last=shuffle and len(dataset) > batch_size,  # no BatchNorm on a 1-image tail batch
+        drop_last=shuffle and per_rank > batch_size,  # no BatchNorm on a 1-image tail batch
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed + dist.rank()),  # own augmentation stream per rank
     )
 
 
@@ -122,7 +123,7 @@ def run_pipeline(hp: SimpleNamespace) -> int:
 
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
-        augment = train_augmentation(hp.seed) if hp.augment else None
+        augment = train_augmentation(hp.seed + dist.rank()) if hp.augment else None
         train_loader = make_loader(TrainImageDataset(train_images, train_masks, input_hw, augment),
                                    hp.batch_size, True, hp.workers, hp.seed, pin)
         valid_loader = make_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
@@ -130,9 +131,10 @@ def run_pipeline(hp: SimpleNamespace) -> int:
         if dist.is_distributed() and valid_loader is not None:
             # Each rank scores a disjoint shard; Dice/loss sums are all-reduced (see validate()).
             valid_loader = make_sharded_loader(valid_loader.dataset, hp, pin)
-        callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run {run}"),
+        callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
                      ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
         classifier.train(train_loader, valid_loader, hp.epochs, callbacks)
+    dist.barrier()  # rank 0 has written best.pt before any rank loads it
     stage_done("train")
 
     # 4. predict with the best weights, streaming rows into the submission
@@ -178,8 +180,10 @@ def run_pipeline(hp: SimpleNamespace) -> int:
 
 
 def make_sharded_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
-    sampler = DistributedSampler(dataset, shuffle=False, drop_last=False)
-    return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.workers, pin_memory=pin)
+    """Rank r scores images r, r+W, ...: each image once over all ranks (no padding), so the
+    all-reduced Dice is the single-process one."""
+    return DataLoader(dataset, batch_size=hp.batch_size, sampler=dist.ShardSampler(len(dataset)),
+                      num_workers=hp.workers, pin_memory=pin, persistent_workers=hp.workers > 0)
 
 
 def weights_tag(path: Path) -> str:
@@ -202,4 +206,4 @@ def print_summary(summary: dict[str, Any], output: Path, submittable: bool) -> N
         print(f"{key:>18}: {value}")
     if submittable:
         print(f"\nUpload with:  kaggle competitions submit -c carvana-image-masking-challenge -f {output} -m \"...\"\n"
-              f"         or:  python main.py --no-train --submit --run {summary['run']}")
+              f"         or:  python main.py --no-train --submit --run-name {summary['run']}")

@@ -5,7 +5,9 @@ order by a single PredictionsSaverCallback. Under torchrun rank ``r`` predicts c
 r, r+W, r+2W, ... into its own shard file (one gzip member per chunk, resumable like the
 single file), and rank 0 then interleaves the members back into global order. Each
 member is the same bytes either way (gzip with mtime=0), so the sharded file is
-byte-identical to the single-process one.
+byte-identical to the single-process one, provided the model's float results per image
+are too (on the CPU they can depend on the thread count; torchrun sets OMP_NUM_THREADS=1).
+Several machines need a shared working directory: rank 0 reads every rank's shard.
 """
 
 from __future__ import annotations
@@ -51,17 +53,30 @@ def gzip_member_ends(path: Path, block: int = 1 << 20) -> list[int]:
 
 
 def assemble_shards(output: Path, shards: Sequence[Path]) -> None:
-    """Interleave the members of ``shards`` (rank order) into ``output``, atomically."""
+    """Interleave the members of ``shards`` (rank order) into ``output``, atomically.
+
+    Shard r must hold global chunks r, r+W, ... (W = len(shards)), one gzip member each.
+    """
+    missing = [str(s) for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"prediction shards not found: {', '.join(missing)} (on several machines the "
+                                "working directory must be a shared filesystem)")
     spans = []
     for shard in shards:
         ends = gzip_member_ends(shard)
+        if (ends[-1] if ends else 0) != Path(shard).stat().st_size:
+            raise ValueError(f"{shard}: does not end with a complete gzip member")
         spans.append(list(zip([0] + ends[:-1], ends)))
+    total, world = sum(len(s) for s in spans), len(shards)
+    expected = [len(range(r, total, world)) for r in range(world)]
+    if [len(s) for s in spans] != expected:
+        raise ValueError(f"shards hold {[len(s) for s in spans]} chunks; round-robin over {total} needs {expected}")
     tmp = output.with_name(output.name + ".assembling")
     handles = [open(s, "rb") for s in shards]
     try:
         with open(tmp, "wb") as out:
-            for k in range(sum(len(s) for s in spans)):
-                rank, local = k % len(shards), k // len(shards)
+            for k in range(total):
+                rank, local = k % world, k // world
                 start, end = spans[rank][local]
                 handles[rank].seek(start)
                 out.write(handles[rank].read(end - start))
