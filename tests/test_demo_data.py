@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from carvana import demo_data
-from carvana.demo_data import demo_cars, draw_background, draw_car, random_car, write_demo_dataset
+from carvana.demo_car import demo_cars, draw_background, draw_car, random_car
+from carvana.demo_data import write_demo_dataset
 from carvana.layout import ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
 from carvana.rle import rle_decode
 

@@ -3,7 +3,8 @@
 Modules, in the order data flows through them:
   layout      - competition constants and file-name conventions
   fetcher     - DatasetFetcher: Kaggle download / demo data / car-grouped split
-  demo_data   - procedurally drawn cars in the exact Carvana layout
+  demo_car    - procedurally drawn 3-D cars in a studio, one view at a time
+  demo_data   - the demo dataset in the exact Carvana layout, made of those cars
   datasets    - TrainImageDataset / TestImageDataset (OpenCV + albumentations)
   model       - UNet1024
   losses      - BCE + Dice loss and the competition Dice metric
@@ -14,6 +15,12 @@ Modules, in the order data flows through them:
   predictions - PredictionsSaverCallback: streaming, resumable submit.csv.gz
   rle         - run-length encoding in the Kaggle format
   submission  - validate, score locally, upload
+  kaggle_client - the official kaggle API: credentials, clear errors, submit
+  sharded     - prediction into one file, in one process or sharded under torchrun
+  distributed - torch.distributed glue (no-ops in a single process)
+  logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
+  pipeline    - the straight-line run behind `python main.py`
+  cli         - command-line overrides of main.py's settings
 """
 
 __version__ = "0.1.0"
