@@ -10,12 +10,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from carvana.datasets import (
+    MEAN,
+    STD,
     ImageReadError,
     TestImageDataset,
     TrainImageDataset,
+    image_to_tensor,
     jpeg_reduction,
     read_image,
     read_mask,
+    resize_interpolation,
+    resize_mask,
     seed_worker,
     train_augmentation,
 )
@@ -139,3 +144,35 @@ def test_worker_seeding_differs_per_worker(tmp_path):
     assert first == again  # reproducible for a seeded generator
     # workers 0 and 1 both start with item 0/1 of the same image: their streams differ
     assert first[0] != first[1] or first[2] != first[3]
+
+
+def test_image_to_tensor_is_the_exact_normalisation():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for image in (rgb, rgb[:, ::-1]):  # a flipped (negative-stride) view works too
+        expected = (image.astype(np.float32) - MEAN) / STD
+        got = image_to_tensor(image)
+        assert got.dtype == torch.float32 and got.shape == (3, 37, 53) and got.is_contiguous()
+        assert torch.equal(got, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+
+
+def test_resize_uses_bilinear_below_2x_and_area_beyond():
+    assert resize_interpolation((1280, 1918), (1024, 1024)) == cv2.INTER_LINEAR
+    assert resize_interpolation((320, 480), (256, 384)) == cv2.INTER_LINEAR  # after the /4 JPEG reduction
+    assert resize_interpolation((1280, 1918), (256, 384)) == cv2.INTER_AREA  # full-resolution mask
+    assert resize_interpolation((1280, 1918), (640, 1024)) == cv2.INTER_AREA
+
+
+def test_resized_masks_stay_binary_and_match_a_thresholded_float_resize(tmp_path):
+    _, mask_path, _ = write_pair(tmp_path, "abc_01")
+    mask = read_mask(mask_path)
+    rng = np.random.default_rng(1)
+    mask[rng.random(mask.shape) < 0.02] ^= 1  # speckles: many partial pixels
+    for hw in ((256, 384), (1024, 1024)):
+        got = resize_mask(mask, hw)
+        assert got.dtype == np.uint8 and got.shape == hw and set(np.unique(got)) <= {0, 1}
+        interpolation = resize_interpolation(mask.shape, hw)
+        smooth = cv2.resize(mask.astype(np.float32), hw[::-1], interpolation=interpolation)
+        differ = got != (smooth > 0.5)
+        # uint8 resizing uses fixed-point weights: only values within their rounding of 0.5 may flip
+        assert np.abs(smooth[differ] - 0.5).max(initial=0) < 0.002 and differ.mean() < 0.002
