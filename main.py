@@ -18,11 +18,11 @@ SAMPLE_SIZE = 1.0  # fraction of train cars used (quick experiments: 0.1)
 TEST_SAMPLE_SIZE = 1.0  # fraction of test images predicted (< 1 gives a non-submittable file)
 SEED = 42  # split, initialisation, augmentation and demo data
 # --- model ---------------------------------------------------------------------------
-INPUT_SIZE = "256x384"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024)
+INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024; CPU real data: 256x384)
 WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
 # --- training --------------------------------------------------------------------------
 TRAIN = True  # --no-train predicts from --checkpoint (or the run's best.pt)
-EPOCHS = 8
+EPOCHS = 24
 BATCH_SIZE = 4  # per process (under torchrun the global batch is this x world size)
 LR = 2e-3  # peak learning rate
 OPTIMIZER = "adamw"  # adamw | adam | sgd
