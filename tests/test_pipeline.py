@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from carvana.checkpoint import load_checkpoint
 from carvana.demo_data import write_demo_dataset
-from carvana.submission import expected_names, validate_submission
+from carvana.submission import expected_names, read_submission, validate_submission
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0",
@@ -81,3 +82,19 @@ def test_no_train_without_weights_is_a_clear_error(tmp_path):
 def test_unknown_flag_and_wrong_type_are_errors(tmp_path):
     assert "unrecognized arguments: --epoch" in run_main(tmp_path, "--epoch", "3").stderr
     assert "expected int" in run_main(tmp_path, "--epochs", "three").stderr
+
+
+def test_a_corrupt_test_image_still_gets_an_empty_row_and_a_named_warning(trained, tmp_path):
+    cwd, data, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    victim = sorted((broken / "test").glob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:5000])  # truncated mid-scan
+    best = cwd / "output" / "models" / "r1" / "best.pt"
+    result = run_main(cwd, "--data-dir", str(broken), "--no-train", "--checkpoint", str(best),
+                      "--output", "output/broken.csv.gz", "--run-name", "r1-broken", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{victim.name}: truncated JPEG" in result.stderr
+    rows = read_submission(cwd / "output" / "broken.csv.gz")
+    assert len(rows) == 16 and rows[victim.name] == ""
+    assert validate_submission(cwd / "output" / "broken.csv.gz", expected_names(broken / "sample_submission.csv")).ok
