@@ -19,15 +19,21 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from carvana import distributed as dist
-from carvana.checkpoint import ModelSaverCallback, load_checkpoint
+from carvana.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint
 from carvana.classifier import CarvanaClassifier
-from carvana.datasets import TestImageDataset, TrainImageDataset, seed_worker, train_augmentation
-from carvana.fetcher import DatasetFetcher
+from carvana.datasets import ImageReadError, TrainImageDataset, seed_worker, train_augmentation
+from carvana.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
+from carvana.kaggle_client import KaggleError
 from carvana.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
 from carvana.model import UNet1024, parse_input_size
 from carvana.predictions import PredictionsSaverCallback
 from carvana.sharded import predict_to_submission
-from carvana.submission import validate_submission
+from carvana.submission import SubmissionError, upload_submission, validate_submission
+
+# Errors whose message already says what is wrong and what to do: main.py prints them
+# without a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
+               KaggleError, SubmissionError, FloatingPointError)
 
 MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
@@ -139,10 +145,11 @@ def run_pipeline(hp: SimpleNamespace) -> int:
 
     # 4. predict with the best weights, streaming rows into the submission
     weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
-    if weights.exists():
+    if weights.exists() or hp.checkpoint:  # a --checkpoint that is missing is an error, not a fallback
         classifier.load_state_dict(load_checkpoint(weights, classifier.device), weights_only=True)
     elif not hp.train:
-        raise SystemExit(f"--no-train needs weights: {weights} does not exist (pass --checkpoint PATH)")
+        raise SystemExit(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
+                         "or the --run-name of a trained run")
     names = [p.name for p in test_images]
     output = Path(hp.output)
     rows = predict_to_submission(
@@ -162,15 +169,14 @@ def run_pipeline(hp: SimpleNamespace) -> int:
             "run": run, "data": fetcher.source, "dataset_dir": str(fetcher.dataset_dir),
             "train_images": len(train_images), "valid_images": len(valid_images), "test_images": len(names),
             "epochs_trained": classifier.epoch + 1,
-            "best_valid_dice": classifier.best_metric if classifier.best_metric > -1e9 else None,
+            # best_metric tracks -train_loss when there is no validation set: not a Dice then.
+            "best_valid_dice": classifier.best_metric if valid_images and classifier.epoch >= 0 else None,
             "submission": str(output), "rows": rows, "valid_submission": report.ok, "seconds_per_stage": times,
         }
         if hp.submit:
-            if not (report.ok and complete):
-                raise SystemExit("not uploading: the submission is invalid or covers only a sample of the test set")
-            from carvana.kaggle_client import submit
-
-            submit(output, hp.message)
+            if not complete:
+                raise SystemExit("not uploading: the submission covers only a sample of the test set (--test-sample-size)")
+            upload_submission(output, names, hp.message)  # validates again and refuses an invalid file
         stage_done("validate")
         summary["seconds_per_stage"] = times
         write_json(log_dir / "summary.json", summary)
