@@ -98,3 +98,12 @@ def test_a_corrupt_test_image_still_gets_an_empty_row_and_a_named_warning(traine
     rows = read_submission(cwd / "output" / "broken.csv.gz")
     assert len(rows) == 16 and rows[victim.name] == ""
     assert validate_submission(cwd / "output" / "broken.csv.gz", expected_names(broken / "sample_submission.csv")).ok
+
+
+def test_bad_input_gives_one_clear_line_not_a_traceback(tmp_path):
+    result = run_main(tmp_path, "--data-dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "nowhere: data folder does not exist" in result.stderr and "Traceback" not in result.stderr
+    data = write_demo_dataset(tmp_path / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
+    result = run_main(tmp_path, "--data-dir", str(data), "--no-train", "--checkpoint", "missing.pt", *TINY)
+    assert result.returncode == 1 and "missing.pt: checkpoint not found" in result.stderr
