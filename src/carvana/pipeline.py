@@ -57,21 +57,21 @@ def resolve_run(hp: SimpleNamespace) -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool) -> DataLoader:
-    """A DataLoader that shards by rank under torchrun and seeds augmentation per worker."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if dist.is_distributed() and shuffle else None
+def make_train_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
+    """Shuffled batches (sharded by rank under torchrun), with augmentation seeded per worker."""
+    sampler = DistributedSampler(dataset, shuffle=True, seed=hp.seed) if dist.is_distributed() else None
     per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
+        batch_size=hp.batch_size,
+        shuffle=sampler is None,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=hp.workers,
         pin_memory=pin,
-        drop_last=shuffle and per_rank > batch_size,  # no BatchNorm on a 1-image tail batch
-        persistent_workers=workers > 0,
+        drop_last=per_rank > hp.batch_size,  # no BatchNorm on a 1-image tail batch
+        persistent_workers=hp.workers > 0,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed + dist.rank()),  # own augmentation stream per rank
+        generator=torch.Generator().manual_seed(hp.seed + dist.rank()),  # own augmentation stream per rank
     )
 
 
@@ -130,13 +130,9 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
         augment = train_augmentation(hp.seed + dist.rank()) if hp.augment else None
-        train_loader = make_loader(TrainImageDataset(train_images, train_masks, input_hw, augment),
-                                   hp.batch_size, True, hp.workers, hp.seed, pin)
-        valid_loader = make_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
-                                   hp.batch_size, False, hp.workers, hp.seed, pin) if valid_images else None
-        if dist.is_distributed() and valid_loader is not None:
-            # Each rank scores a disjoint shard; Dice/loss sums are all-reduced (see validate()).
-            valid_loader = make_sharded_loader(valid_loader.dataset, hp, pin)
+        train_loader = make_train_loader(TrainImageDataset(train_images, train_masks, input_hw, augment), hp, pin)
+        valid_loader = make_valid_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
+                                         hp, pin) if valid_images else None
         callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
                      ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
         classifier.train(train_loader, valid_loader, hp.epochs, callbacks)
@@ -185,9 +181,9 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     return 0 if not summary or summary["valid_submission"] else 1
 
 
-def make_sharded_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
-    """Rank r scores images r, r+W, ...: each image once over all ranks (no padding), so the
-    all-reduced Dice is the single-process one."""
+def make_valid_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
+    """In order; under torchrun rank r scores images r, r+W, ...: each image once over all
+    ranks (no padding), so the all-reduced Dice is the single-process one (see validate())."""
     return DataLoader(dataset, batch_size=hp.batch_size, sampler=dist.ShardSampler(len(dataset)),
                       num_workers=hp.workers, pin_memory=pin, persistent_workers=hp.workers > 0)
 
