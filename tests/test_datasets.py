@@ -16,6 +16,8 @@ from carvana.datasets import (
     TestImageDataset,
     TrainImageDataset,
     image_to_tensor,
+    normalize_images,
+    tensor_to_image,
     jpeg_reduction,
     read_image,
     read_mask,
@@ -67,12 +69,13 @@ def test_train_item_shapes_and_values(tmp_path):
     image_path, mask_path, _ = write_pair(tmp_path, "abc_01")
     ds = TrainImageDataset([image_path], [mask_path], (256, 384), full_masks=True)
     item = ds[0]
-    assert item["image"].shape == (3, 256, 384) and item["image"].dtype == torch.float32
-    assert item["mask"].shape == (1, 256, 384) and set(item["mask"].unique().tolist()) == {0.0, 1.0}
+    assert item["image"].shape == (3, 256, 384) and item["image"].dtype == torch.uint8
+    assert item["mask"].shape == (1, 256, 384) and item["mask"].dtype == torch.uint8
+    assert set(item["mask"].unique().tolist()) == {0, 1}
     assert item["full_mask"].shape == (H, W) and item["full_mask"].dtype == torch.uint8
     assert item["name"] == "abc_01.jpg"
     # the resized mask covers the same fraction of the frame as the original
-    assert abs(item["mask"].mean().item() - 0.5 * 0.6) < 0.01
+    assert abs(item["mask"].float().mean().item() - 0.5 * 0.6) < 0.01
 
 
 def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
@@ -124,7 +127,7 @@ def test_augmentation_is_joint_reproducible_and_keeps_masks_binary(tmp_path):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
         assert set(x["mask"].unique().tolist()) <= {0.0, 1.0}
         # jointly transformed: the red car pixels are exactly where the mask is (away from edges)
-        red = x["image"][0] - x["image"][1]
+        red = x["image"][0].int() - x["image"][1].int()
         inner = cv2.erode(x["mask"][0].numpy(), np.ones((5, 5), np.uint8)).astype(bool)
         outer = ~cv2.dilate(x["mask"][0].numpy(), np.ones((5, 5), np.uint8)).astype(bool)
         assert red[torch.from_numpy(inner)].min() > red[torch.from_numpy(outer)].max()
@@ -146,14 +149,21 @@ def test_worker_seeding_differs_per_worker(tmp_path):
     assert first[0] != first[1] or first[2] != first[3]
 
 
-def test_image_to_tensor_is_the_exact_normalisation():
+def test_items_stay_uint8_and_normalise_exactly_on_the_device():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     for image in (rgb, rgb[:, ::-1]):  # a flipped (negative-stride) view works too
+        chw = image_to_tensor(image)
+        assert chw.dtype == torch.uint8 and chw.shape == (3, 37, 53) and chw.is_contiguous()
+        assert torch.equal(chw, torch.from_numpy(image.transpose(2, 0, 1).copy()))
+        got = normalize_images(chw[None])
         expected = (image.astype(np.float32) - MEAN) / STD
-        got = image_to_tensor(image)
-        assert got.dtype == torch.float32 and got.shape == (3, 37, 53) and got.is_contiguous()
-        assert torch.equal(got, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got[0], torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+        np.testing.assert_array_equal(tensor_to_image(chw), image)
+        assert np.abs(tensor_to_image(got[0]).astype(int) - image).max() <= 1  # float previews too
+    already = torch.randn(1, 3, 4, 4)
+    assert normalize_images(already) is already
 
 
 def test_resize_uses_bilinear_below_2x_and_area_beyond():

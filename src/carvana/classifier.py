@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carvana.callbacks import Callback, CallbackList, Preview
-from carvana.datasets import tensor_to_image
+from carvana.datasets import normalize_images, tensor_to_image
 from carvana.losses import BCEDiceLoss, competition_dice
 from carvana import distributed as dist
 
@@ -89,9 +89,13 @@ class CarvanaClassifier:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+    def _images_to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or already normalised float) images -> normalised float32 on the device."""
+        x = normalize_images(x.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _masks_to_device(self, m: torch.Tensor) -> torch.Tensor:
+        return m.to(self.device, non_blocking=True).float()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimiser, scheduler, scaler, progress."""
@@ -159,7 +163,7 @@ class CarvanaClassifier:
         total, count = torch.zeros((), device=self.device), 0
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=not self.progress, dynamic_ncols=True)
         for step, batch in enumerate(bar):
-            images, masks = self._to_device(batch["image"]), self._to_device(batch["mask"])
+            images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
                 logits = self.net(images)
             loss = self.loss_fn(logits, masks)
@@ -198,7 +202,7 @@ class CarvanaClassifier:
         preview: Preview | None = None
         bar = tqdm(loader, desc="valid", leave=False, disable=not self.progress, dynamic_ncols=True)
         for batch in bar:
-            images, masks = self._to_device(batch["image"]), self._to_device(batch["mask"])
+            images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
                 logits = self.eval_net(images)
             loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
@@ -233,7 +237,7 @@ class CarvanaClassifier:
         cbs.on_predict_start(self)
         try:
             for batch in tqdm(loader, desc="predict", disable=not self.progress, dynamic_ncols=True):
-                images = self._to_device(batch["image"])
+                images = self._images_to_device(batch["image"])
                 with self._autocast():
                     probs = torch.sigmoid(self.eval_net(images).float())
                     if tta:

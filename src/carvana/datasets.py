@@ -2,9 +2,13 @@
 
 Each item is a dict so the default collate keeps names next to tensors:
 
-* TrainImageDataset -> {"image": (3,H,W) float32, "mask": (1,H,W) float32 0/1,
+* TrainImageDataset -> {"image": (3,H,W) uint8 RGB, "mask": (1,H,W) uint8 0/1,
   "name": str} and, with ``full_masks=True`` (validation), "full_mask":
   (1280,1918) uint8 for the competition metric at the original resolution.
+
+Items stay uint8: a float32 1024x1024 image costs ~17 ms to pass from a worker process
+and 4x the host-to-GPU bandwidth; ``normalize_images`` turns the batch into normalised
+float32 on the device instead (the classifier does this).
 * TestImageDataset  -> {"image", "name", "ok": bool}; an unreadable test image
   gives a zero image with ok=False and a warning naming it, because Kaggle
   rejects a submission with a row missing (the classifier predicts an empty mask).
@@ -26,9 +30,6 @@ from torch.utils.data import Dataset
 # ImageNet statistics: a standard, harmless choice for normalising RGB inputs.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
-# (v - MEAN) / STD for every uint8 value v, per channel: normalising becomes one table
-# lookup per pixel, computed in float32 exactly as the arithmetic it replaces.
-_NORMALISE_LUT = [np.ascontiguousarray((np.arange(256, dtype=np.float32) - MEAN[c]) / STD[c]) for c in range(3)]
 
 _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -88,16 +89,20 @@ def jpeg_size(path: Path) -> tuple[int, int]:
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised float32 (3, H, W).
+    """uint8 (H, W, 3) -> uint8 (3, H, W), contiguous (normalised later, on the device)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
-    Splits the planes, then maps each through its 256-entry table straight into the
-    (3, H, W) output: ~10x faster than float arithmetic on the interleaved image and a
-    transposing copy, with bit-identical values.
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 (B, 3, H, W) batch -> float32 (x - MEAN) / STD, on x's device.
+
+    A float batch is taken to be normalised already and returned as is.
     """
-    out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-    for c, plane in enumerate(cv2.split(np.ascontiguousarray(rgb))):
-        cv2.LUT(plane, _NORMALISE_LUT[c], dst=out[c])
-    return torch.from_numpy(out)
+    if x.dtype != torch.uint8:
+        return x
+    mean = torch.as_tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() - mean) / std
 
 
 def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
@@ -136,8 +141,11 @@ def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
-    """Inverse of image_to_tensor, for previews: (3, H, W) -> uint8 (H, W, 3)."""
-    rgb = x.detach().float().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
+    """For previews: a uint8 or normalised float (3, H, W) image -> uint8 (H, W, 3)."""
+    x = x.detach().cpu()
+    if x.dtype == torch.uint8:
+        return x.numpy().transpose(1, 2, 0).copy()
+    rgb = x.float().numpy().transpose(1, 2, 0) * STD + MEAN
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -218,7 +226,7 @@ class TrainImageDataset(Dataset):
             image, mask = out["image"], out["mask"]
         item = {
             "image": image_to_tensor(image),
-            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None],
             "name": Path(image_path).name,
         }
         if self.full_masks:
