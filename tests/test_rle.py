@@ -129,6 +129,55 @@ def test_encode_rejects_non_2d() -> None:
         rle_encode(np.zeros((2, 3, 4), np.uint8))
 
 
+def test_format_ints_matches_str() -> None:
+    from carvana.rle import _format_ints
+
+    edges = [0, 1, 9, 10, 99, 100, 999, 1000, 9999, 10000, 10001, 10010, 99999, 100000, 1000000, 9999999]
+    rng = np.random.default_rng(5)
+    for values in (edges, edges[::-1], [7], rng.integers(0, 10**7, 5000), rng.integers(1, 3000, 5000)):
+        values = np.asarray(values, dtype=np.int64)
+        assert _format_ints(values) == " ".join(map(str, values.tolist()))
+    assert _format_ints(np.empty(0, np.int64)) == ""
+    # values >= 10**7 (masks over 10 Mpx) take the str() fallback
+    assert _format_ints(np.array([10**7, 5, 123456789], np.int64)) == "10000000 5 123456789"
+    big = np.zeros((1, 10_000_016), dtype=bool)
+    big[0, 5] = big[0, -3] = True
+    assert rle_encode(big) == "6 1 10000014 1"
+
+
+def test_scratch_buffer_reuse_across_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import carvana.rle as rle
+
+    rng = np.random.default_rng(11)
+    shapes = [ORIG_SHAPE, (17, 31), (64, 64), ORIG_SHAPE, (3, 1000), ORIG_SHAPE]
+    cases = [np.cumsum(rng.random(h * w) < 0.002).reshape(h, w) % 2 == 1 for h, w in shapes]
+    for mask in cases:  # one thread, a big buffer reused for smaller masks and back
+        assert rle_encode(mask) == reference_encode(mask)
+    monkeypatch.setattr(rle, "_SCRATCH_MAX", 0)  # too big to keep: a fresh buffer each call
+    monkeypatch.setattr(rle._scratch, "flags", None, raising=False)
+    for mask in cases[:2]:
+        assert rle_encode(mask) == reference_encode(mask)
+    assert rle._scratch.flags is None
+
+
+def test_encode_from_many_threads() -> None:
+    # Each thread has its own scratch buffer; interleaved calls must not mix results.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(2)
+    cases = []
+    for i in range(8):
+        mask = np.zeros(ORIG_SHAPE, dtype=np.uint8 if i % 2 else bool)
+        top, left = rng.integers(100, 500), rng.integers(100, 800)
+        mask[top : top + rng.integers(200, 700), left : left + rng.integers(300, 1000)] = 1
+        mask[rng.integers(0, 1280), : rng.integers(1, 1918)] = 1
+        cases.append(mask)
+    expected = [reference_encode(mask) for mask in cases]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(rle_encode, cases * 4)) == expected * 4
+
+
 @settings(max_examples=200, deadline=None)
 @given(masks())
 def test_decode_matches_loop_decoder(mask: np.ndarray) -> None:
