@@ -153,7 +153,7 @@ def stage_costs(classifier: CarvanaClassifier, images: list[Path], args: argpars
         return statistics.median(times)
 
     load = per_image(lambda: [ds[i] for i in range(len(ds))])
-    x = classifier._to_device(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    x = classifier._images_to_device(torch.stack([ds[i]["image"] for i in range(len(ds))]))
     classifier.eval_net.eval()
     probs: list[torch.Tensor] = []
 
