@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic batches, and where the real data slice lives."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,17 @@ def carvana_sample() -> Path:
     if not (CARVANA_SAMPLE / "train_masks.csv").exists():
         pytest.skip(f"real data slice not present at {CARVANA_SAMPLE}")
     return CARVANA_SAMPLE
+
+
+@pytest.fixture
+def kaggle_home(monkeypatch, tmp_path) -> Path:
+    """An empty HOME (with an empty ~/.kaggle) and no KAGGLE_* variables, so a developer's
+    real Kaggle credentials are never seen by a test."""
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    return home

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import io
 import math
-import os
 import re
 import socket
 import sys
@@ -98,16 +97,9 @@ def http_error(status: int, text: str = "") -> requests.HTTPError:
 
 
 @pytest.fixture
-def no_creds(monkeypatch, tmp_path):
-    """No Kaggle credentials visible: empty HOME, no KAGGLE_* variables."""
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    return home
+def no_creds(kaggle_home):
+    """No Kaggle credentials visible (see conftest.kaggle_home)."""
+    return kaggle_home
 
 
 def layout_files(folder: Path) -> dict[str, list[str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 from types import SimpleNamespace
 
@@ -18,16 +17,9 @@ SECRET = "0123456789abcdef-very-secret"
 
 
 @pytest.fixture
-def home(monkeypatch, tmp_path):
-    """An empty HOME and no KAGGLE_* variables, so the developer's real credentials are never seen."""
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    path = tmp_path / "home"
-    (path / ".kaggle").mkdir(parents=True)
-    monkeypatch.setenv("HOME", str(path))
-    return path
+def home(kaggle_home):
+    """No Kaggle credentials visible (see conftest.kaggle_home)."""
+    return kaggle_home
 
 
 def test_no_credentials(home):

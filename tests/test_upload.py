@@ -52,11 +52,7 @@ def test_rules_not_accepted_is_explained(tmp_path):
         upload_submission(sub, NAMES, "m", api=FakeApi(http403))
 
 
-def test_cli_upload_without_credentials_says_what_to_set(tmp_path, monkeypatch, capsys):
-    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_USER", "KAGGLE_PASSWD"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
+def test_cli_upload_without_credentials_says_what_to_set(tmp_path, kaggle_home, capsys):
     sub = write(tmp_path / "submit.csv.gz", [(NAMES[0], "1 5"), (NAMES[1], "")])
     sample = tmp_path / "sample_submission.csv"
     sample.write_text("img,rle_mask\n" + "".join(f"{n},1 1\n" for n in NAMES))
