@@ -46,10 +46,10 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
-from carvana.callbacks import Callback
-from carvana.classifier import CarvanaClassifier
-from carvana.model import UNet1024, parse_input_size
-from carvana.predictions import PredictionsSaverCallback
+from carvana.training.callbacks import Callback
+from carvana.training.classifier import CarvanaClassifier
+from carvana.models.unet1024 import UNet1024, parse_input_size
+from carvana.submission.predictions import PredictionsSaverCallback
 
 TEST_IMAGES = 100_064  # Kaggle's Carvana test set
 

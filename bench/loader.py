@@ -45,10 +45,10 @@ from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    import carvana.datasets  # noqa: F401
+    import carvana.data.datasets  # noqa: F401
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
-    import carvana.datasets  # noqa: F401
+    import carvana.data.datasets  # noqa: F401
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 STEPS = ("decode", "mask", "resize", "augment", "to_tensor", "other")
@@ -60,7 +60,7 @@ def find_pairs(data: Path, count: int, tmp: Path) -> tuple[list[Path], list[Path
     if images:
         print(f"images from {data}")
     else:
-        from carvana.demo_data import write_demo_dataset
+        from carvana.data.demo_data import write_demo_dataset
 
         print(f"note: no images in {data}; using a generated demo dataset instead")
         data = write_demo_dataset(tmp / "demo", n_train_cars=2, n_test_cars=1)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
-    versions = {"current": carvana.datasets}
+    versions = {"current": carvana.data.datasets}
     if args.baseline:
         versions = {"baseline": load_module(args.baseline, "bench_datasets_baseline"), **versions}
     augment = not args.no_augment

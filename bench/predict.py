@@ -47,13 +47,13 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
-from carvana import sharded
-from carvana.callbacks import Callback
-from carvana.classifier import CarvanaClassifier
-from carvana.datasets import TestImageDataset
-from carvana.checkpoint import load_checkpoint
-from carvana.model import UNet1024, parse_input_size
-from carvana.predictions import _encode_row
+from carvana.submission import sharded
+from carvana.training.callbacks import Callback
+from carvana.training.classifier import CarvanaClassifier
+from carvana.data.datasets import TestImageDataset
+from carvana.training.checkpoint import load_checkpoint
+from carvana.models.unet1024 import UNet1024, parse_input_size
+from carvana.submission.predictions import _encode_row
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 
@@ -87,7 +87,7 @@ def find_images(data: Path, count: int, tmp: Path) -> list[Path]:
     """``count`` JPEGs with unique names: the real sample's test/ then train/, else demo data."""
     pool = sorted((data / "test").glob("*.jpg")) + sorted((data / "train").glob("*.jpg")) if data.is_dir() else []
     if not pool:
-        from carvana.demo_data import write_demo_dataset
+        from carvana.data.demo_data import write_demo_dataset
 
         print(f"note: no images in {data}; using a generated demo dataset instead")
         demo = write_demo_dataset(tmp / "demo", n_train_cars=2, n_test_cars=1)

@@ -31,12 +31,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 try:
-    from carvana.layout import ORIG_SHAPE
-    from carvana.rle import rle_encode
+    from carvana.data.layout import ORIG_SHAPE
+    from carvana.data.rle import rle_encode
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
-    from carvana.layout import ORIG_SHAPE
-    from carvana.rle import rle_encode
+    from carvana.data.layout import ORIG_SHAPE
+    from carvana.data.rle import rle_encode
 
 DEFAULT_MASKS = REPO.parent / "shared" / "carvana-sample" / "train_masks"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from carvana.callbacks import HOOKS, Callback, CallbackList
+from carvana.training.callbacks import HOOKS, Callback, CallbackList
 
 
 class Recorder(Callback):

@@ -5,11 +5,11 @@ import csv
 import pytest
 import torch
 
-from carvana.callbacks import Callback
-from carvana.checkpoint import FORMAT_VERSION, CheckpointError, ModelSaverCallback, load_checkpoint
-from carvana.classifier import CarvanaClassifier
-from carvana.logging_callbacks import CSVLogger, PreviewLogger
-from carvana.model import UNet1024
+from carvana.training.callbacks import Callback
+from carvana.training.checkpoint import FORMAT_VERSION, CheckpointError, ModelSaverCallback, load_checkpoint
+from carvana.training.classifier import CarvanaClassifier
+from carvana.training.logging_callbacks import CSVLogger, PreviewLogger
+from carvana.models.unet1024 import UNet1024
 from conftest import synthetic_batches
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from carvana.datasets import (
+from carvana.data.datasets import (
     MEAN,
     STD,
     ImageReadError,

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carvana import demo_data
-from carvana.demo_car import demo_cars, draw_background, draw_car, random_car
-from carvana.demo_data import write_demo_dataset
-from carvana.layout import ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
-from carvana.rle import rle_decode
+from carvana.data import demo_data
+from carvana.data.demo_car import demo_cars, draw_background, draw_car, random_car
+from carvana.data.demo_data import write_demo_dataset
+from carvana.data.layout import ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
+from carvana.data.rle import rle_decode
 
 SMALL = {"seed": 3, "n_train_cars": 1, "n_test_cars": 1}  # 32 images: about 2 s to write
 ANGLES = [f"{a:02d}" for a in range(1, 17)]

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader, DistributedSampler
 
-from carvana.checkpoint import load_checkpoint
-from carvana.classifier import CarvanaClassifier
-from carvana.datasets import TrainImageDataset
-from carvana.demo_data import write_demo_dataset
-from carvana.distributed import ShardSampler
-from carvana.fetcher import DatasetFetcher
-from carvana.model import UNet1024
-from carvana.sharded import assemble_shards, gzip_member_ends, shard_names
+from carvana.training.checkpoint import load_checkpoint
+from carvana.training.classifier import CarvanaClassifier
+from carvana.data.datasets import TrainImageDataset
+from carvana.data.demo_data import write_demo_dataset
+from carvana.training.distributed import ShardSampler
+from carvana.data.fetcher import DatasetFetcher
+from carvana.models.unet1024 import UNet1024
+from carvana.submission.sharded import assemble_shards, gzip_member_ends, shard_names
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 SEED, VALIDATION_SIZE = 7, 0.5  # passed explicitly: the test must not depend on main.py's defaults

@@ -15,23 +15,23 @@ from pathlib import Path
 import pytest
 import requests
 
-from carvana import fetcher as fetcher_mod
-from carvana import kaggle_client
-from carvana.fetcher import (
+from carvana.data import fetcher as fetcher_mod
+from carvana.data import kaggle_client
+from carvana.data.fetcher import (
     CorruptArchiveError,
     DatasetFetcher,
     DatasetLayoutError,
     UnsafeArchiveError,
     archives,
 )
-from carvana.kaggle_client import (
+from carvana.data.kaggle_client import (
     DiskFullError,
     KaggleCredentialsError,
     KaggleNetworkError,
     KaggleNotFoundError,
     KaggleRulesNotAcceptedError,
 )
-from carvana.layout import COMPETITION, car_id
+from carvana.data.layout import COMPETITION, car_id
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "carvana-sample"
 TRAIN_CARS = ["0cdf5b5d0ce1", "1a17a1bd648b", "2faf504842df"]
@@ -253,7 +253,7 @@ def test_no_credentials_uses_demo_data(tmp_path, monkeypatch, capsys, no_creds):
         written.append((root, seed))
         return make_folder(root, ["abcabcabcabc"], angles=2, test_names=["abcabcabcabc_01.jpg"])
 
-    monkeypatch.setitem(sys.modules, "carvana.demo_data", types.SimpleNamespace(write_demo_dataset=fake_writer))
+    monkeypatch.setitem(sys.modules, "carvana.data.demo_data", types.SimpleNamespace(write_demo_dataset=fake_writer))
     monkeypatch.setattr(kaggle_client, "make_api", lambda: pytest.fail("must not contact Kaggle"))
     f = DatasetFetcher(root=tmp_path / "data", seed=7)
     folder = f.fetch()

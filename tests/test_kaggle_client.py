@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from carvana import kaggle_client as kc
-from carvana.layout import COMPETITION
+from carvana.data import kaggle_client as kc
+from carvana.data.layout import COMPETITION
 
 SECRET = "0123456789abcdef-very-secret"
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from carvana.layout import ORIG_HEIGHT, ORIG_WIDTH
-from carvana.losses import BCEDiceLoss, competition_dice, dice_per_image, soft_dice_per_image
+from carvana.data.layout import ORIG_HEIGHT, ORIG_WIDTH
+from carvana.training.losses import BCEDiceLoss, competition_dice, dice_per_image, soft_dice_per_image
 
 LN3 = math.log(3.0)
 

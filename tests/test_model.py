@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carvana.model import (
+from carvana.models.unet1024 import (
     UNet1024,
     check_input_size,
     parse_input_size,

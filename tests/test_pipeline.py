@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from carvana.checkpoint import load_checkpoint
-from carvana.demo_data import write_demo_dataset
-from carvana.submission import expected_names, read_submission, validate_submission
+from carvana.training.checkpoint import load_checkpoint
+from carvana.data.demo_data import write_demo_dataset
+from carvana.submission.validate import expected_names, read_submission, validate_submission
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0",

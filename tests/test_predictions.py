@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import pytest
 
-from carvana.layout import ORIG_HEIGHT, ORIG_WIDTH
-from carvana.postprocess import upsample_mask
-from carvana.predictions import HEADER_LINE, PredictionsSaverCallback, upsample_masks_torch
-from carvana.rle import rle_decode
+from carvana.data.layout import ORIG_HEIGHT, ORIG_WIDTH
+from carvana.data.postprocess import upsample_mask
+from carvana.submission.predictions import HEADER_LINE, PredictionsSaverCallback, upsample_masks_torch
+from carvana.data.rle import rle_decode
 
 H, W = 64, 96
 TESTS_DIR = Path(__file__).resolve().parent
@@ -151,7 +151,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path[:0] = [{src!r}, {tests!r}]
 from test_predictions import feed, make_names
-from carvana.predictions import PredictionsSaverCallback
+from carvana.submission.predictions import PredictionsSaverCallback
 
 names = make_names({n})
 cb = PredictionsSaverCallback(Path(sys.argv[1]), names, chunk_size=3, workers=2, max_pending=1)
@@ -246,7 +246,7 @@ def test_nothing_remaining_just_finalizes(tmp_path: Path, monkeypatch) -> None:
             raise OSError("simulated crash before the final rename")
         real_replace(src, dst)
 
-    monkeypatch.setattr("carvana.predictions.os.replace", crash_on_final_rename)
+    monkeypatch.setattr("carvana.submission.predictions.os.replace", crash_on_final_rename)
     with pytest.raises(OSError, match="simulated"):
         run_full(out, names, chunk_size=3)  # every chunk is on disk, never renamed
     monkeypatch.undo()

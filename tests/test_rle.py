@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carvana.layout import ORIG_SHAPE
-from carvana.rle import RLEError, rle_decode, rle_encode, rle_to_runs
+from carvana.data.layout import ORIG_SHAPE
+from carvana.data.rle import RLEError, rle_decode, rle_encode, rle_to_runs
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "carvana-sample"
 
@@ -130,7 +130,7 @@ def test_encode_rejects_non_2d() -> None:
 
 
 def test_format_ints_matches_str() -> None:
-    from carvana.rle import _format_ints
+    from carvana.data.rle import _format_ints
 
     edges = [0, 1, 9, 10, 99, 100, 999, 1000, 9999, 10000, 10001, 10010, 99999, 100000, 1000000, 9999999]
     rng = np.random.default_rng(5)
@@ -146,7 +146,7 @@ def test_format_ints_matches_str() -> None:
 
 
 def test_scratch_buffer_reuse_across_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import carvana.rle as rle
+    import carvana.data.rle as rle
 
     rng = np.random.default_rng(11)
     shapes = [ORIG_SHAPE, (17, 31), (64, 64), ORIG_SHAPE, (3, 1000), ORIG_SHAPE]

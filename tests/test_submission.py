@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carvana.rle import rle_decode, rle_encode, rle_to_runs
-from carvana.submission import (
+from carvana.data.rle import rle_decode, rle_encode, rle_to_runs
+from carvana.submission.validate import (
     PROBLEM_KINDS,
     SubmissionError,
     dice_from_runs,

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from carvana import kaggle_client as kc
-from carvana.layout import COMPETITION
-from carvana.submission import SubmissionError, main, upload_submission
+from carvana.data import kaggle_client as kc
+from carvana.data.layout import COMPETITION
+from carvana.submission.validate import SubmissionError, main, upload_submission
 
 NAMES = ["car0_01.jpg", "car0_02.jpg"]
 

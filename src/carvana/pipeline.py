@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from carvana import distributed as dist
-from carvana.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint
-from carvana.classifier import CarvanaClassifier
-from carvana.datasets import ImageReadError, TrainImageDataset, seed_worker, train_augmentation
-from carvana.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
-from carvana.kaggle_client import KaggleError
-from carvana.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
-from carvana.model import UNet1024, parse_input_size
-from carvana.predictions import PredictionsSaverCallback
-from carvana.sharded import predict_to_submission
-from carvana.submission import SubmissionError, upload_submission, validate_submission
+from carvana.training import distributed as dist
+from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint
+from carvana.training.classifier import CarvanaClassifier
+from carvana.data.datasets import ImageReadError, TrainImageDataset, seed_worker, train_augmentation
+from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
+from carvana.data.kaggle_client import KaggleError
+from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
+from carvana.models.unet1024 import UNet1024, parse_input_size
+from carvana.submission.predictions import PredictionsSaverCallback
+from carvana.submission.sharded import predict_to_submission
+from carvana.submission.validate import SubmissionError, upload_submission, validate_submission
 
 # Errors whose message already says what is wrong and what to do: main.py prints them
 # without a traceback. Anything else is a bug and keeps its traceback.

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carvana import kaggle_client
-from carvana.layout import COMPETITION, car_id, mask_path_for
+from carvana.data import kaggle_client
+from carvana.data.layout import COMPETITION, car_id, mask_path_for
 
 DOWNLOADS = "_downloads"
 REQUIRED_DIRS = ("train", "train_masks", "test")
@@ -186,7 +186,7 @@ class DatasetFetcher:
         return self.dataset_dir
 
     def _use_demo(self) -> Path:
-        from carvana.demo_data import write_demo_dataset  # lazy: only needed without credentials
+        from carvana.data.demo_data import write_demo_dataset  # lazy: only needed without credentials
 
         folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))
         bar = "!" * 78

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from carvana.layout import ANGLES_PER_CAR, ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
+from carvana.data.layout import ANGLES_PER_CAR, ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
 
 _S = 16.0  # cv2 fixed-point factor (shift=4): sub-pixel polygon vertices at any output size
 

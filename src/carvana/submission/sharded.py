@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 from torch.utils.data import DataLoader
 
-from carvana import distributed as dist
-from carvana.datasets import TestImageDataset
-from carvana.predictions import PredictionsSaverCallback
+from carvana.training import distributed as dist
+from carvana.data.datasets import TestImageDataset
+from carvana.submission.predictions import PredictionsSaverCallback
 
 
 def shard_names(names: Sequence[str], chunk_size: int, rank: int, world: int) -> list[str]:

@@ -38,10 +38,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from carvana.callbacks import Callback
-from carvana.layout import ORIG_SHAPE, SUBMISSION_HEADER
-from carvana.postprocess import upsample_mask
-from carvana.rle import rle_encode
+from carvana.training.callbacks import Callback
+from carvana.data.layout import ORIG_SHAPE, SUBMISSION_HEADER
+from carvana.data.postprocess import upsample_mask
+from carvana.data.rle import rle_encode
 
 log = logging.getLogger(__name__)
 

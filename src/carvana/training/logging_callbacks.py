@@ -13,8 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from carvana.callbacks import Callback, Preview
-from carvana import distributed as dist
+from carvana.training.callbacks import Callback, Preview
+from carvana.training import distributed as dist
 
 METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_dice", "lr", "seconds", "is_best")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from carvana.callbacks import Callback, Preview
-from carvana import distributed as dist
+from carvana.training.callbacks import Callback, Preview
+from carvana.training import distributed as dist
 
 FORMAT_VERSION = 1
 

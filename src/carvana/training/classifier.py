@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from carvana.callbacks import Callback, CallbackList, Preview
-from carvana.datasets import normalize_images, tensor_to_image
-from carvana.losses import BCEDiceLoss, competition_dice
-from carvana import distributed as dist
+from carvana.training.callbacks import Callback, CallbackList, Preview
+from carvana.data.datasets import normalize_images, tensor_to_image
+from carvana.training.losses import BCEDiceLoss, competition_dice
+from carvana.training import distributed as dist
 
 
 class CarvanaClassifier:

@@ -26,7 +26,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from carvana.layout import COMPETITION
+from carvana.data.layout import COMPETITION
 
 TOKEN_URL = "https://www.kaggle.com/settings"
 _HOW_TO_CONFIGURE = (

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carvana.layout import ORIG_SHAPE
-from carvana.postprocess import upsample_mask
+from carvana.data.layout import ORIG_SHAPE
+from carvana.data.postprocess import upsample_mask
 
 
 def soft_dice_per_image(

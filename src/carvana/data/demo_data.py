@@ -18,9 +18,9 @@ from pathlib import Path
 import cv2
 from PIL import Image
 
-from carvana.demo_car import demo_cars, draw_background, draw_car
-from carvana.layout import ANGLES_PER_CAR
-from carvana.rle import rle_encode
+from carvana.data.demo_car import demo_cars, draw_background, draw_car
+from carvana.data.layout import ANGLES_PER_CAR
+from carvana.data.rle import rle_encode
 
 FORMAT_VERSION = 1  # bump when the drawing (carvana.demo_car) changes, so old demo folders are rebuilt
 MARKER = ".complete"

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from carvana.layout import ORIG_SHAPE, SUBMISSION_HEADER
-from carvana.rle import RLEError, rle_to_runs
+from carvana.data.layout import ORIG_SHAPE, SUBMISSION_HEADER
+from carvana.data.rle import RLEError, rle_to_runs
 
 HEADER_LINE = ",".join(SUBMISSION_HEADER)
 
@@ -287,7 +287,7 @@ def upload_submission(path: str | Path, expected: Sequence[str], message: str, a
     Kaggle's own errors (no credentials, 401, 403 rules not accepted) come from
     carvana.kaggle_client with what to do about them.
     """
-    from carvana.kaggle_client import submit  # imported late: validation needs no kaggle package
+    from carvana.data.kaggle_client import submit  # imported late: validation needs no kaggle package
 
     report = validate_submission(path, expected)
     if not report.ok:

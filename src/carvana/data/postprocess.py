@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from carvana.layout import ORIG_HEIGHT, ORIG_WIDTH
+from carvana.data.layout import ORIG_HEIGHT, ORIG_WIDTH
 
 
 def upsample_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:

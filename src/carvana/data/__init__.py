@@ -1,0 +1,13 @@
+"""Data: the Carvana format and everything that reads or makes it.
+
+  layout        - competition constants and file-name conventions
+  rle           - run-length encoding in the Kaggle format (train_masks.csv and the submission)
+  postprocess   - probabilities at network size -> thresholded 1918x1280 mask (metric and submission)
+  kaggle_client - the official kaggle API: credentials, clear errors, submit
+  fetcher       - DatasetFetcher: Kaggle download / demo data / car-grouped split
+  demo_car      - procedurally drawn 3-D cars in a studio, one view at a time
+  demo_data     - the demo dataset in the exact Carvana layout, made of those cars
+  datasets      - TrainImageDataset / TestImageDataset (OpenCV + albumentations)
+
+Imports only the standard library, numpy, OpenCV, albumentations and torch: nothing above it.
+"""

@@ -1,0 +1,11 @@
+"""Training: the loops, their losses and metrics, callbacks, checkpoints and torchrun glue.
+
+  callbacks         - the callback protocol (every hook a documented no-op)
+  distributed       - torch.distributed glue (no-ops in a single process)
+  losses            - BCE + Dice loss and the competition Dice metric
+  checkpoint        - atomic last/best checkpoints that describe their model
+  classifier        - CarvanaClassifier: the train / validate / predict loops
+  logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
+
+Imports carvana.data and carvana.models only.
+"""
