@@ -25,7 +25,8 @@ from carvana.data.datasets import ImageReadError, TrainImageDataset, seed_worker
 from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
 from carvana.data.kaggle_client import KaggleError
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
-from carvana.models.unet1024 import UNet1024, parse_input_size
+from carvana.models.registry import ModelConfig, build_model
+from carvana.models.unet1024 import parse_input_size
 from carvana.submission.predictions import PredictionsSaverCallback
 from carvana.submission.sharded import predict_to_submission
 from carvana.submission.validate import SubmissionError, upload_submission, validate_submission
@@ -114,8 +115,9 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     stage_done("data")
 
     # 2. model and classifier
+    model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
     classifier = CarvanaClassifier(
-        UNet1024(width=hp.width), epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
+        build_model(model_config), model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
         scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
         grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
         sync_batchnorm=hp.sync_batchnorm,

@@ -128,18 +128,20 @@ class DecoderStack(nn.Module):
 
 
 class UNet1024(nn.Module):
-    """The Carvana U-Net: (B, in_channels, H, W) -> logits (B, 1, H, W).
+    """The Carvana U-Net: (B, in_channels, H, W) -> logits (B, classes, H, W).
 
     ``width`` multiplies every channel count (see :func:`scale_channels`);
     1.0 is the classic network. H and W must be multiples of 64.
     """
 
-    def __init__(self, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 3, width: float = 1.0, classes: int = 1) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width}")
+        if classes < 1:
+            raise ValueError(f"classes must be >= 1, got {classes}")
         self.in_channels = in_channels
         self.width = width
 
@@ -160,7 +162,7 @@ class UNet1024(nn.Module):
             DecoderStack(c_in, c_skip, c_out)
             for c_in, c_skip, c_out in zip(decoder_inputs, skips, dec)
         )
-        self.head = nn.Conv2d(dec[-1], 1, kernel_size=1)
+        self.head = nn.Conv2d(dec[-1], classes, kernel_size=1)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -2,6 +2,11 @@
 
 A checkpoint is a plain dict of tensors and primitives, so it loads with
 ``torch.load(..., weights_only=True)``: nothing in it can execute code.
+
+Format 2 stores the model's construction config (``model_config``, see
+``carvana.models.registry.ModelConfig``), so a checkpoint rebuilds its own network.
+Format 1 (no config) still loads: its config is derived from its hyperparameters
+(those checkpoints were all UNet1024, one class).
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from carvana.models.registry import ModelConfig, ModelConfigError, build_model
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -46,9 +54,47 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a carvana checkpoint (no 'model' entry)")
     version = state.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     return state
+
+
+def model_config_of(state: dict[str, Any], path: Path | str = "checkpoint") -> ModelConfig:
+    """The construction config a loaded checkpoint describes (derived from hparams for format 1)."""
+    try:
+        if state.get("model_config") is not None:
+            return ModelConfig.from_dict(state["model_config"])
+        hp = state.get("hparams") or {}
+        from carvana.models.unet1024 import parse_input_size  # format 1: UNet1024 only
+
+        return ModelConfig(arch="unet1024", width=float(hp.get("width", 1.0)), classes=1,
+                           input_size=parse_input_size(str(hp.get("input_size", "1024x1024"))))
+    except (ModelConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the model config: {exc}") from exc
+
+
+def load_model_weights(model: nn.Module, state: dict[str, Any], path: Path | str, config: ModelConfig | None = None) -> None:
+    """``model.load_state_dict`` with a clear error (naming both configs) instead of a key dump."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        theirs = model_config_of(state, path)
+        ours = f"this run's model ({config.describe()})" if config is not None else "this run's model"
+        first = str(exc).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: holds {theirs.describe()} weights, which do not fit {ours} ({first})") from None
+
+
+def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """Rebuild the network a checkpoint describes and load its weights: (model, config, state)."""
+    state = load_checkpoint(Path(path), map_location)
+    config = model_config_of(state, path)
+    try:
+        model = build_model(config)
+    except (ModelConfigError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot build its model: {exc}") from exc
+    load_model_weights(model, state, path, config)
+    return model.to(map_location), config, state
 
 
 class ModelSaverCallback(Callback):

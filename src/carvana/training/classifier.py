@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from carvana.models.registry import ModelConfig
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.data.datasets import normalize_images, tensor_to_image
 from carvana.training.losses import BCEDiceLoss, competition_dice
@@ -49,6 +50,7 @@ class CarvanaClassifier:
         sync_batchnorm: bool = False,
         preview_count: int = 4,
         progress: bool = True,
+        model_config: ModelConfig | None = None,
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
@@ -75,6 +77,8 @@ class CarvanaClassifier:
         # A GradScaler is only needed for fp16; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epochs = epochs
+        # How to rebuild `model`: stored in every checkpoint (see carvana.models.registry).
+        self.model_config = model_config
         self.threshold = threshold
         self.grad_clip = grad_clip
         self.preview_count = preview_count
@@ -106,6 +110,7 @@ class CarvanaClassifier:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best_metric": self.best_metric,
+            "model_config": self.model_config.to_dict() if self.model_config is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
