@@ -160,7 +160,7 @@ def test_second_fetch_downloads_nothing(tmp_path, capsys):
 def test_deleted_output_is_fetched_again(tmp_path):
     api = FakeApi(competition_zips())
     folder = DatasetFetcher(root=tmp_path, api=api).fetch()
-    fetcher_mod._remove(folder / "test")  # marker still present, but its output is gone
+    fetcher_mod.remove_path(folder / "test")  # marker still present, but its output is gone
     DatasetFetcher(root=tmp_path, api=api).fetch()
     assert api.count("test.zip") == 2 and len(layout_files(folder)["test"]) == 4
 

@@ -3,7 +3,9 @@
   layout        - competition constants and file-name conventions
   rle           - run-length encoding in the Kaggle format (train_masks.csv and the submission)
   postprocess   - probabilities at network size -> thresholded 1918x1280 mask (metric and submission)
-  kaggle_client - the official kaggle API: credentials, clear errors, submit
+  kaggle_credentials - where Kaggle credentials come from; redact() scrubs them from messages
+  kaggle_client - the official kaggle API: clear errors, submit
+  archives      - which competition zips exist, whether one is whole, safe unpacking
   fetcher       - DatasetFetcher: Kaggle download / demo data / car-grouped split
   demo_car      - procedurally drawn 3-D cars in a studio, one view at a time
   demo_data     - the demo dataset in the exact Carvana layout, made of those cars

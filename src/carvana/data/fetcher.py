@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import csv
 import errno
-import json
 import math
 import os
 import random
-import re
-import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from carvana.data import kaggle_client
+from carvana.data.archives import (  # noqa: F401  (re-exported: callers import them from here)
+    Archive,
+    CorruptArchiveError,
+    UnsafeArchiveError,
+    archives,
+    is_unpacked,
+    remove_path,
+    unpack_archive,
+    unsafe_member,
+    zip_problem,
+)
 from carvana.data.layout import COMPETITION, car_id, mask_path_for
 
 DOWNLOADS = "_downloads"
@@ -34,36 +41,6 @@ OPTIONAL_FILES = ("train_masks.csv", "metadata.csv")
 
 class DatasetLayoutError(FileNotFoundError):
     """A data folder lacks part of the Carvana layout."""
-
-
-class UnsafeArchiveError(ValueError):
-    """An archive member would be written outside the extraction folder (zip-slip)."""
-
-
-class CorruptArchiveError(RuntimeError):
-    """An archive is still unreadable after being downloaded again, or lacks its expected content."""
-
-
-@dataclass(frozen=True)
-class Archive:
-    """One competition file and what its top-level entries become in the dataset folder."""
-
-    name: str
-    outputs: dict[str, str]  # top-level name inside the zip -> name in the dataset folder
-
-
-def archives(hq: bool = False) -> tuple[Archive, ...]:
-    """The competition files to fetch; the hq image folders are renamed to train/ and test/."""
-    sfx = "_hq" if hq else ""
-    # Small files first so that credential/rules problems show up before any large download.
-    return (
-        Archive("sample_submission.csv.zip", {"sample_submission.csv": "sample_submission.csv"}),
-        Archive("metadata.csv.zip", {"metadata.csv": "metadata.csv"}),
-        Archive("train_masks.csv.zip", {"train_masks.csv": "train_masks.csv"}),
-        Archive("train_masks.zip", {"train_masks": "train_masks"}),
-        Archive(f"train{sfx}.zip", {f"train{sfx}": "train"}),
-        Archive(f"test{sfx}.zip", {f"test{sfx}": "test"}),
-    )
 
 
 def check_layout(folder: Path) -> Path:
@@ -79,37 +56,6 @@ def check_layout(folder: Path) -> Path:
             "train_masks/, test/, sample_submission.csv; train_masks.csv and metadata.csv optional)"
         )
     return folder
-
-
-def unsafe_member(name: str) -> bool:
-    """True for a member name that is absolute, has a drive letter or a '..' component."""
-    return (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None
-            or ".." in re.split(r"[/\\]", name))
-
-
-def zip_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete zip (missing, truncated, sizes disagree), or None if it looks whole."""
-    if not path.is_file():
-        return "not downloaded"
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        return f"not a valid zip, probably truncated ({exc})"
-    if not infos:
-        return "empty archive"
-    size = path.stat().st_size
-    end = max(i.header_offset + i.compress_size for i in infos)
-    if end > size:  # an appended/resumed download that does not add up
-        return f"size mismatch: members end at byte {end} but the file has {size} bytes"
-    return None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _validated_fraction(value: float | None, name: str, low_inclusive: bool) -> float:
@@ -208,15 +154,15 @@ class DatasetFetcher:
         zip_path = folder / DOWNLOADS / archive.name
         marker = zip_path.with_name(archive.name + ".done")
         tmp = folder / f".tmp-{archive.name}"
-        _remove(tmp)  # leftovers of an interrupted unzip are never trusted
-        if self._is_done(folder, archive, marker):
+        remove_path(tmp)  # leftovers of an interrupted unzip are never trusted
+        if is_unpacked(folder, marker):
             print(f"[fetch] {archive.name}: already done")
             return
         for attempt in range(2):
             force = attempt > 0  # the retry discards whatever is on disk
             if force:
-                _remove(zip_path)
-                _remove(zip_path.with_name(archive.name + ".kaggle-partial"))
+                remove_path(zip_path)
+                remove_path(zip_path.with_name(archive.name + ".kaggle-partial"))
             problem = zip_problem(zip_path)
             if force or problem:
                 print(f"[fetch] {archive.name}: downloading")
@@ -226,7 +172,7 @@ class DatasetFetcher:
                     self._unpack(folder, archive, zip_path, tmp, marker)
                     return
                 except (zipfile.BadZipFile, EOFError) as exc:  # CRC error / truncated data in a member
-                    _remove(tmp)
+                    remove_path(tmp)
                     problem = f"corrupt data ({exc})"
             if attempt == 0:
                 print(f"[fetch] {archive.name}: {problem}; downloading it again")
@@ -248,49 +194,14 @@ class DatasetFetcher:
                                                      path=zip_path) from exc
         return zip_problem(zip_path)
 
-    @staticmethod
-    def _is_done(folder: Path, archive: Archive, marker: Path) -> bool:
-        try:
-            outputs = json.loads(marker.read_text(encoding="utf-8"))["outputs"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        # A marker whose outputs were deleted since means: fetch again.
-        return all((folder / name).exists() for name in outputs)
-
     def _unpack(self, folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path) -> None:
-        with zipfile.ZipFile(zip_path) as zf:
-            infos = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
-            bad = [i.filename for i in infos if unsafe_member(i.filename)]
-            if bad:  # checked before anything is written (zip-slip)
-                raise UnsafeArchiveError(f"{zip_path}: refusing to extract, member {bad[0]!r} would be "
-                                         f"written outside the target folder ({len(bad)} unsafe member(s))")
-            print(f"[fetch] {archive.name}: unpacking {len(infos)} entries")
-            tmp.mkdir(parents=True)
-            try:
-                for info in infos:
-                    zf.extract(info, tmp)
-            except OSError as exc:
-                _remove(tmp)  # frees the space; the zip itself is kept for the rerun
-                if exc.errno == errno.ENOSPC:
-                    raise kaggle_client.explain_kaggle_error(
-                        exc, f"unpacking {archive.name}", self.competition,
-                        path=exc.filename or tmp) from exc
-                raise
-        found = sorted(p.name for p in tmp.iterdir())
-        missing = [src for src in archive.outputs if src not in found]
-        if missing:
-            _remove(tmp)
-            raise CorruptArchiveError(f"{zip_path}: expected {', '.join(missing)} at the top of the "
-                                      f"archive, found {', '.join(found) or 'nothing'}")
-        for src, dst in archive.outputs.items():
-            _remove(folder / dst)  # a half-moved output of an interrupted run
-            os.replace(tmp / src, folder / dst)
-        partial = marker.with_name(marker.name + ".partial")
-        partial.write_text(json.dumps({"archive": archive.name, "outputs": sorted(archive.outputs.values()),
-                                       "entries": len(infos)}), encoding="utf-8")
-        os.replace(partial, marker)
-        _remove(tmp)
-        zip_path.unlink()  # the hq archives are GBs; the marker alone records completion
+        try:
+            unpack_archive(folder, archive, zip_path, tmp, marker)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise kaggle_client.explain_kaggle_error(
+                    exc, f"unpacking {archive.name}", self.competition, path=exc.filename or tmp) from exc
+            raise
 
     # ------------------------------------------------------------------ listing files
 

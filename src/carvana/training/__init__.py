@@ -4,6 +4,7 @@
   distributed       - torch.distributed glue (no-ops in a single process)
   losses            - BCE + Dice loss and the competition Dice metric
   checkpoint        - atomic last/best checkpoints that describe their model
+  optim             - optimiser and LR-schedule factories by name
   classifier        - CarvanaClassifier: the train / validate / predict loops
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
 

@@ -1,0 +1,148 @@
+"""Kaggle credentials: where they come from, and scrubbing their values out of messages.
+
+Credentials are looked up the way kaggle 2.x does (access token, then legacy
+username/key, then ``kaggle auth login`` OAuth files), but only *where* they
+come from is ever reported: key values are never printed, and every message
+built from a foreign exception is passed through :func:`redact` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+TOKEN_URL = "https://www.kaggle.com/settings"
+HOW_TO_CONFIGURE = (
+    "Create an API token at https://www.kaggle.com/settings (API -> Create New Token), then either "
+    "save the downloaded kaggle.json as ~/.kaggle/kaggle.json (chmod 600), or set "
+    "KAGGLE_USERNAME and KAGGLE_KEY, or set KAGGLE_API_TOKEN."
+)
+
+
+class KaggleError(RuntimeError):
+    """A Kaggle operation failed; the message says what to do about it."""
+
+
+class KaggleCredentialsError(KaggleError):
+    """Credentials are missing, malformed, outdated or rejected (HTTP 401)."""
+
+
+def _home_kaggle_dir() -> Path:
+    # kagglesdk reads access_token / credentials.json from ~/.kaggle regardless of KAGGLE_CONFIG_DIR.
+    return Path(os.path.expanduser("~")) / ".kaggle"
+
+
+def _config_dir() -> Path:
+    """The folder kaggle 2.2.4 reads kaggle.json from (mirrors KaggleApi.config_dir)."""
+    configured = os.environ.get("KAGGLE_CONFIG_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    home_dir = _home_kaggle_dir()
+    if sys.platform.startswith("linux") and not home_dir.exists():
+        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return Path(xdg) / "kaggle"
+    return home_dir
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def _access_token_source() -> str | None:
+    token = os.environ.get("KAGGLE_API_TOKEN")
+    if token:
+        if Path(token).exists():
+            return f"file named by KAGGLE_API_TOKEN ({token})"  # a path, not the token itself
+        return "KAGGLE_API_TOKEN environment variable"
+    for name in ("access_token", "access_token.txt"):
+        path = _home_kaggle_dir() / name
+        if _read_text(path):
+            return f"{path} (access token file)"
+    return None
+
+
+def _read_kaggle_json(path: Path) -> dict[str, Any]:
+    """Parse kaggle.json, raising KaggleCredentialsError naming the file when it is malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise KaggleCredentialsError(
+            f"{path}: cannot read Kaggle credentials ({type(exc).__name__}); it must be the JSON "
+            f'file {{"username": ..., "key": ...}} downloaded from {TOKEN_URL}'
+        ) from None  # `from None`: the parse error may quote the file's content (the key)
+    if not isinstance(data, dict):
+        raise KaggleCredentialsError(f"{path}: expected a JSON object with 'username' and 'key'")
+    return data
+
+
+def find_credentials() -> str | None:
+    """Describe where Kaggle credentials come from, or None when none are configured.
+
+    Returns a description such as ``"KAGGLE_USERNAME/KAGGLE_KEY environment variables"`` or a
+    file path -- never a key. Raises KaggleCredentialsError for configurations that cannot work:
+    only the retired ``KAGGLE_USER``/``KAGGLE_PASSWD`` variables, half of a username/key pair,
+    or a malformed kaggle.json.
+    """
+    token_source = _access_token_source()
+    if token_source:
+        return token_source
+
+    env_user, env_key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+    if env_user and env_key:
+        return "KAGGLE_USERNAME/KAGGLE_KEY environment variables"
+    config = _config_dir() / "kaggle.json"
+    file_values: dict[str, Any] = _read_kaggle_json(config) if config.is_file() else {}
+    user = env_user or file_values.get("username")
+    key = env_key or file_values.get("key")
+    if user and key:
+        if env_user or env_key:  # kaggle merges the environment over the file
+            return f"{config} + KAGGLE_{'USERNAME' if env_user else 'KEY'} environment variable"
+        return str(config)
+
+    oauth = _home_kaggle_dir() / "credentials.json"
+    if oauth.is_file():
+        return f"{oauth} (kaggle auth login)"
+
+    if os.environ.get("KAGGLE_USER") or os.environ.get("KAGGLE_PASSWD"):
+        raise KaggleCredentialsError(
+            "KAGGLE_USER/KAGGLE_PASSWD (account login and password) are no longer supported: the "
+            "Kaggle API only accepts API tokens. Set KAGGLE_USERNAME + KAGGLE_KEY (API token from "
+            f"{TOKEN_URL}) or save the token as ~/.kaggle/kaggle.json instead, and unset "
+            "KAGGLE_USER/KAGGLE_PASSWD."
+        )
+    if user or key:
+        where = "KAGGLE_USERNAME/KAGGLE_KEY" if (env_user or env_key) else str(config)
+        missing = "key (KAGGLE_KEY)" if user else "username (KAGGLE_USERNAME)"
+        raise KaggleCredentialsError(f"Incomplete Kaggle credentials in {where}: the {missing} is missing. {HOW_TO_CONFIGURE}")
+    return None
+
+
+def _secret_values() -> list[str]:
+    """Every credential value visible to this process, so messages can be scrubbed of them."""
+    values = [os.environ.get(name) for name in ("KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_PASSWD")]
+    token_env = os.environ.get("KAGGLE_API_TOKEN")
+    if token_env and Path(token_env).exists():
+        values.append(_read_text(Path(token_env)))
+    values += [_read_text(_home_kaggle_dir() / n) for n in ("access_token", "access_token.txt")]
+    with contextlib.suppress(KaggleCredentialsError):
+        config = _config_dir() / "kaggle.json"
+        if config.is_file():
+            values.append(str(_read_kaggle_json(config).get("key") or ""))
+    return [v for v in values if v and len(v) >= 4]
+
+
+def redact(text: str) -> str:
+    """Remove credential values, URL query strings (signed tokens) and auth headers from text."""
+    for secret in _secret_values():
+        text = text.replace(secret, "***")
+    text = re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?<redacted>", text)
+    return re.sub(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", r"\1 ***", text)
