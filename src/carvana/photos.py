@@ -1,0 +1,203 @@
+"""Photos in, masks and cutouts out: reading any image, letterbox geometry, output files.
+
+Used by ``python -m carvana.segment`` (and the ONNX parity check of ``carvana.export``).
+
+Geometry: a photo is **letterboxed** into the network's input, not stretched. Carvana
+models are trained on 1918x1280 images resized to a ~1.5:1 input (e.g. 256x384), so the
+cars they saw kept their proportions; letterboxing keeps them for a portrait or square
+photo too, where stretching would squash the car to a shape never seen in training. For a
+Carvana-shaped photo both are the same to within a pixel. The padding repeats the photo's
+edge pixels (a studio backdrop continues instead of a hard artificial border). The network's
+probabilities are cropped back to the photo's box and resized to the photo's own size
+*before* thresholding, so edges are placed at full resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageColor, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+FITS = ("letterbox", "stretch")
+
+
+class PhotoError(ValueError):
+    """A photo (or background picture) that cannot be used, with the file named in the message."""
+
+
+def read_photo(path: Path) -> np.ndarray:
+    """Any JPEG/PNG/WebP as uint8 RGB (H, W, 3), upright (EXIF orientation applied).
+
+    Grayscale and palette images become RGB; images with transparency are composited onto
+    white first (what lies under transparent pixels is arbitrary); 16-bit images are scaled
+    to 8 bits. Any failure (missing, truncated, not an image) raises :class:`PhotoError`.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # also forces the full decode, so truncation shows here
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                scale = 257.0 if arr.max(initial=0) > 255 else 1.0
+                gray = np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            rgb = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise PhotoError(f"{path}: file not found") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise PhotoError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise PhotoError(f"{path}: empty image")
+    return np.ascontiguousarray(rgb)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where the photo sits inside the network's output grid (the rest is padding)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def fit_box(photo_hw: tuple[int, int], target_hw: tuple[int, int], fit: str = "letterbox") -> Box:
+    """The photo's box in ``target_hw``: the largest same-aspect box, centred ('letterbox'),
+    or the whole target ('stretch')."""
+    th, tw = target_hw
+    if fit == "stretch":
+        return Box(0, 0, th, tw)
+    if fit != "letterbox":
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    h, w = photo_hw
+    scale = min(th / h, tw / w)
+    bh, bw = min(th, max(1, round(h * scale))), min(tw, max(1, round(w * scale)))
+    return Box((th - bh) // 2, (tw - bw) // 2, bh, bw)
+
+
+def to_network_input(rgb: np.ndarray, input_hw: tuple[int, int], margin: int = 0,
+                     fit: str = "letterbox") -> tuple[np.ndarray, Box]:
+    """Resize ``rgb`` into an (H, W, 3) uint8 network input; return it and the photo's box.
+
+    ``margin``: pixels a valid-convolution network loses per side; the photo is fitted into
+    the output grid (H - 2m, W - 2m) and the input padded by ``margin`` around it, so the
+    output aligns with the box. Padding repeats edge pixels.
+    """
+    h, w = input_hw
+    grid = (h - 2 * margin, w - 2 * margin)
+    box = fit_box(rgb.shape[:2], grid, fit)
+    shrink = rgb.shape[0] >= 2 * box.height or rgb.shape[1] >= 2 * box.width
+    resized = cv2.resize(rgb, (box.width, box.height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    top, left = box.top + margin, box.left + margin
+    out = cv2.copyMakeBorder(resized, top, h - top - box.height, left, w - left - box.width, cv2.BORDER_REPLICATE)
+    return out, box
+
+
+def probabilities_to_mask(prob: np.ndarray, box: Box, photo_hw: tuple[int, int], threshold: float) -> np.ndarray:
+    """Crop the photo's box out of a network-resolution probability map, resize it bilinearly
+    to the photo's size, then threshold: a bool (H, W) mask."""
+    crop = np.ascontiguousarray(prob[box.top:box.top + box.height, box.left:box.left + box.width], dtype=np.float32)
+    h, w = photo_hw
+    if crop.shape != (h, w):
+        crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+    return crop > threshold
+
+
+# ------------------------------------------------------------------------------- outputs
+@dataclass(frozen=True)
+class Background:
+    """What ``--background`` composites the car onto: a colour, or a picture (covering the photo)."""
+
+    color: tuple[int, int, int] | None = None
+    picture: np.ndarray | None = None
+
+    def canvas(self, hw: tuple[int, int]) -> np.ndarray:
+        """An (H, W, 3) uint8 RGB background of the photo's size (a picture is scaled to cover it, centred)."""
+        h, w = hw
+        if self.picture is None:
+            return np.broadcast_to(np.array(self.color, np.uint8), (h, w, 3))
+        ph, pw = self.picture.shape[:2]
+        scale = max(h / ph, w / pw)
+        sh, sw = max(h, round(ph * scale)), max(w, round(pw * scale))
+        big = cv2.resize(self.picture, (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        top, left = (sh - h) // 2, (sw - w) // 2
+        return big[top:top + h, left:left + w]
+
+
+def parse_background(text: str) -> Background:
+    """An existing image file -> that picture; otherwise a colour ('white', '#00ff00', 'rgb(0,0,255)')."""
+    if Path(text).is_file():
+        return Background(picture=read_photo(Path(text)))
+    try:
+        rgb = ImageColor.getrgb(text)
+    except ValueError:
+        raise PhotoError(f"--background {text!r}: neither an image file nor a colour name / #rrggbb") from None
+    return Background(color=tuple(int(c) for c in rgb[:3]))
+
+
+def output_paths(out_dir: Path, rel_stem: Path, overlay: bool, background: bool) -> dict[str, Path]:
+    """Every file written for one photo, by kind."""
+    base = Path(out_dir) / rel_stem
+    paths = {"mask": base.with_name(base.name + "_mask.png"), "cutout": base.with_name(base.name + "_cutout.png")}
+    if overlay:
+        paths["overlay"] = base.with_name(base.name + "_overlay.jpg")
+    if background:
+        paths["background"] = base.with_name(base.name + "_background.jpg")
+    return paths
+
+
+def _write_atomic(path: Path, image: np.ndarray, params: list[int]) -> None:
+    """Encode by ``path``'s suffix, write to a temp name beside it, rename: never a half file."""
+    ok, data = cv2.imencode(path.suffix, image, params)
+    if not ok:
+        raise OSError(f"{path}: could not encode the image")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def outline_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The photo with the mask's outline (holes too) drawn on it, RGB."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(2, round(max(rgb.shape[:2]) / 400))
+    out = np.ascontiguousarray(rgb).copy()
+    cv2.drawContours(out, contours, -1, (0, 255, 0), thickness, lineType=cv2.LINE_AA)
+    return out
+
+
+def composite(rgb: np.ndarray, mask: np.ndarray, background: Background) -> np.ndarray:
+    """The car (mask) from the photo on ``background``, RGB."""
+    return np.where(mask[..., None], rgb, background.canvas(rgb.shape[:2]))
+
+
+def write_outputs(rgb: np.ndarray, mask: np.ndarray, paths: dict[str, Path], background: Background | None = None) -> None:
+    """Write the files ``paths`` names (see :func:`output_paths`) for photo ``rgb`` and bool ``mask``.
+
+    The mask is written last, after everything else, so a present mask means a finished photo
+    even for a reader that only looks at masks.
+    """
+    alpha = mask.astype(np.uint8) * 255
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    png = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    jpg = [cv2.IMWRITE_JPEG_QUALITY, 92]
+    _write_atomic(paths["cutout"], np.dstack([bgr, alpha]), png)
+    if "overlay" in paths:
+        _write_atomic(paths["overlay"], cv2.cvtColor(outline_overlay(rgb, mask), cv2.COLOR_RGB2BGR), jpg)
+    if "background" in paths:
+        if background is None:
+            raise ValueError("a background output needs a Background")
+        _write_atomic(paths["background"], cv2.cvtColor(composite(rgb, mask, background), cv2.COLOR_RGB2BGR), jpg)
+    _write_atomic(paths["mask"], alpha, png)

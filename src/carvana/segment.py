@@ -1,0 +1,312 @@
+"""Segment your own photos with a trained checkpoint: masks, transparent cutouts, overlays.
+
+    python -m carvana.segment --checkpoint output/models/<run>/best.pt photos/ car.jpg -o cutouts/
+    python -m carvana.segment --checkpoint best.pt photos/ -o out/ --overlay --background white --tta
+
+For each photo ``<stem>.jpg`` it writes, at the photo's own resolution, ``<stem>_mask.png``
+(0/255) and ``<stem>_cutout.png`` (RGBA, alpha = mask); ``--overlay`` adds
+``<stem>_overlay.jpg`` (mask outline on the photo), ``--background COLOR|IMAGE`` adds
+``<stem>_background.jpg`` (the car on that colour or picture). Folders are searched
+recursively for .jpg/.jpeg/.png/.webp; their sub-folders are kept under OUT_DIR.
+
+Photos whose outputs all exist are skipped (``--overwrite`` redoes them). A photo that cannot
+be read gets a warning naming it and the run goes on; the exit status is the number of photos
+that failed (capped at 125), 2 for a usage error, 0 when everything worked.
+Geometry (letterbox vs stretch): see :mod:`carvana.photos`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from carvana.models.registry import ModelConfig, arch_spec
+from carvana.photos import (FITS, IMAGE_SUFFIXES, Background, PhotoError, output_paths, parse_background,
+                            probabilities_to_mask, read_photo, to_network_input, write_outputs)
+from carvana.training.checkpoint import CheckpointError, load_model
+
+MAX_EXIT_STATUS = 125  # above this, shells give exit statuses other meanings
+
+
+class SegmentError(ValueError):
+    """A usage error: bad checkpoint, unsupported model, inputs that clash."""
+
+
+class Segmenter:
+    """A loaded model and everything needed to turn photos into probabilities.
+
+    Normalisation comes from the checkpoint's :class:`ModelConfig` (uint8 RGB scale), the
+    input size too; on CUDA the forward runs under autocast (bf16 where supported, else fp16)
+    in channels_last, as in training.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, device: str = "auto", threshold: float = 0.5,
+                 tta: bool = False, amp: bool = True, fit: str = "letterbox") -> None:
+        if config.classes != 1:
+            raise SegmentError(f"this checkpoint's model has {config.classes} classes; segment writes binary "
+                               "masks and cutouts, so it needs a one-class (car / background) model")
+        if not 0.0 <= threshold <= 1.0:
+            raise SegmentError(f"threshold must be in [0, 1], got {threshold}")
+        if fit not in FITS:
+            raise SegmentError(f"fit must be one of {FITS}, got {fit!r}")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp and cuda else None
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.config, self.threshold, self.tta, self.fit = config, threshold, tta, fit
+        self.input_hw = tuple(config.input_size)
+        self.margin = int(getattr(arch_spec(config.arch), "output_margin", 0))
+        self.mean = torch.tensor(config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def prepare(self, rgb: np.ndarray):
+        """A photo -> (uint8 (H, W, 3) network input, the photo's Box in the output grid)."""
+        return to_network_input(rgb, self.input_hw, self.margin, self.fit)
+
+    @torch.no_grad()
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) inputs -> float32 (B, h, w) car probabilities on the CPU (hflip TTA if set)."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
+        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            probs = torch.sigmoid(self.model(x).float())
+            if self.tta:  # as in CarvanaClassifier.predict: average with the mirrored prediction
+                probs = (probs + torch.sigmoid(self.model(x.flip(-1)).float()).flip(-1)) / 2
+        expected = (self.input_hw[0] - 2 * self.margin, self.input_hw[1] - 2 * self.margin)
+        if tuple(probs.shape[-2:]) != expected:
+            raise SegmentError(f"{self.config.arch} returned {tuple(probs.shape[-2:])} maps for {self.input_hw} "
+                               f"inputs; expected {expected} (output margin {self.margin})")
+        return probs[:, 0].cpu().numpy()
+
+
+def threshold_of(state: dict) -> float:
+    """The threshold the checkpoint's run used (0.5 when it does not say)."""
+    return float((state.get("hparams") or {}).get("threshold", 0.5))
+
+
+# ------------------------------------------------------------------------------- inputs
+def find_photos(inputs: Sequence[str | Path], exclude: Path | None = None) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(photos, problems): every (path, output stem relative to OUT_DIR) named by ``inputs``.
+
+    Files are taken as given (whatever their suffix: reading decides); folders are searched
+    recursively for image suffixes, skipping hidden entries and ``exclude`` (the output folder,
+    so outputs never become inputs). Paths that do not exist are reported in ``problems``.
+    """
+    photos: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    skip = exclude.resolve() if exclude is not None else None
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = []
+            for p in sorted(item.rglob("*")):
+                rel = p.relative_to(item)
+                if (p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file()
+                        or any(part.startswith(".") for part in rel.parts)
+                        or (skip is not None and p.resolve().is_relative_to(skip))):
+                    continue
+                found.append((p, rel.with_suffix("")))
+            if not found:
+                warnings.warn(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder", stacklevel=2)
+            photos += found
+        elif item.exists():
+            photos.append((item, Path(item.stem)))
+        else:
+            problems.append(f"{item}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    clashes = []
+    for path, rel in photos:
+        if rel in seen:
+            clashes.append(f"{seen[rel]} and {path}")
+        seen.setdefault(rel, path)
+    if clashes:
+        raise SegmentError(f"these inputs would write the same output files ({'; '.join(clashes[:5])}): "
+                           "segment them in separate runs with different -o folders")
+    return photos, problems
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass
+class Summary:
+    """What a run did."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Photo:
+    path: Path
+    rel: Path
+    rgb: np.ndarray | None = None
+    net_input: np.ndarray | None = None
+    box: object = None
+    error: str = ""
+
+
+def _load(segmenter: Segmenter, path: Path, rel: Path) -> _Photo:
+    """Worker job: read and prepare one photo; a failure is recorded, not raised."""
+    try:
+        rgb = read_photo(path)
+        net_input, box = segmenter.prepare(rgb)
+        return _Photo(path, rel, rgb, net_input, box)
+    except PhotoError as exc:
+        return _Photo(path, rel, error=str(exc))
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
+    """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory), in order."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _batches(it: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _finish(photo: _Photo, prob: np.ndarray, threshold: float, paths: dict[str, Path], background: Background | None) -> None:
+    """Writer job: probabilities -> full-resolution mask -> files."""
+    mask = probabilities_to_mask(prob, photo.box, photo.rgb.shape[:2], threshold)
+    write_outputs(photo.rgb, mask, paths, background)
+
+
+def segment_photos(segmenter: Segmenter, photos: Sequence[tuple[Path, Path]], out_dir: Path, batch_size: int = 4,
+                   workers: int = 2, overwrite: bool = False, overlay: bool = False,
+                   background: Background | None = None, progress: bool | None = None) -> Summary:
+    """Segment ``photos`` ((path, output stem) pairs) into ``out_dir``; see the module docstring.
+
+    Memory is bounded: about ``2 * batch_size`` photos are read ahead and ``2 * workers`` are
+    being written at any time, whatever the number of photos.
+    """
+    start = time.perf_counter()
+    summary = Summary()
+    todo = []
+    for path, rel in photos:
+        paths = output_paths(out_dir, rel, overlay, background is not None)
+        if not overwrite and all(p.is_file() for p in paths.values()):
+            summary.skipped += 1
+        else:
+            todo.append((path, rel))
+    bar = tqdm(total=len(todo), desc="segment", unit="img", disable=(None if progress is None else not progress),
+               dynamic_ncols=True)
+    writing: deque[tuple[_Photo, Future]] = deque()
+
+    def collect_oldest() -> None:
+        photo, fut = writing.popleft()
+        try:
+            fut.result()
+            summary.written += 1
+        except OSError as exc:  # a full disk or unwritable folder fails this photo, not the run
+            summary.failed += 1
+            warnings.warn(f"{photo.path}: could not write its outputs ({exc})", stacklevel=3)
+        bar.update(1)
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="read") as readers, \
+            ThreadPoolExecutor(max(1, workers), thread_name_prefix="write") as writers:
+        loaded = _bounded_map(readers, lambda p, r: _load(segmenter, p, r), todo, ahead=2 * batch_size)
+        for batch in _batches(loaded, batch_size):
+            good = []
+            for photo in batch:
+                if photo.error:
+                    summary.failed += 1
+                    warnings.warn(f"{photo.error}; skipped", stacklevel=2)
+                    bar.update(1)
+                else:
+                    good.append(photo)
+            if not good:
+                continue
+            probs = segmenter.probabilities(np.stack([p.net_input for p in good]))
+            for photo, prob in zip(good, probs):
+                photo.net_input = None  # keep only what the writer needs
+                paths = output_paths(out_dir, photo.rel, overlay, background is not None)
+                writing.append((photo, writers.submit(_finish, photo, prob, segmenter.threshold, paths, background)))
+            while writing and (writing[0][1].done() or len(writing) > 2 * max(1, workers)):
+                collect_oldest()
+        while writing:
+            collect_oldest()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m carvana.segment", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by main.py (best.pt / last.pt)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg: the mask outline on the photo")
+    p.add_argument("--background", default="", metavar="COLOR|IMAGE",
+                   help="also write <stem>_background.jpg: the car on this colour (white, #336699) or picture")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--threshold", type=float, default=None, help="probability above which a pixel is car (default: the checkpoint's run, else 0.5)")
+    p.add_argument("--fit", choices=FITS, default="letterbox", help="how a photo is fitted to the network input")
+    p.add_argument("--batch-size", type=int, default=4, help="photos per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="threads reading and threads writing images")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:1")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
+    p.add_argument("--overwrite", action="store_true", help="redo photos whose outputs already exist")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (failed photos, capped; 2 for a usage error)."""
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.output)
+    try:
+        if args.batch_size < 1:
+            raise SegmentError(f"--batch-size must be >= 1, got {args.batch_size}")
+        background = parse_background(args.background) if args.background else None
+        photos, problems = find_photos(args.inputs, exclude=out_dir)
+        model, config, state = load_model(args.checkpoint)
+        threshold = threshold_of(state) if args.threshold is None else args.threshold
+        segmenter = Segmenter(model, config, args.device, threshold, args.tta, args.amp, args.fit)
+    except (SegmentError, CheckpointError, PhotoError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        warnings.warn(f"{problem}; skipped", stacklevel=1)
+    print(f"segment: {len(photos)} photo(s) with {config.describe()}, threshold {threshold:g}, "
+          f"{segmenter.fit}{', hflip TTA' if args.tta else ''}, on {segmenter.device}", file=sys.stderr)
+    summary = segment_photos(segmenter, photos, out_dir, args.batch_size, args.workers, args.overwrite, args.overlay,
+                             background, progress=None if args.progress else False)
+    failed = summary.failed + len(problems)
+    per = f" ({1000 * summary.seconds / summary.written:.0f} ms per photo)" if summary.written else ""
+    print(f"segment: wrote {summary.written} photo(s) to {out_dir} in {summary.seconds:.1f} s{per}; "
+          f"{summary.skipped} already done (--overwrite redoes them), {failed} failed", file=sys.stderr)
+    return min(failed, MAX_EXIT_STATUS)
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    sys.exit(main())
