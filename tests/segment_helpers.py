@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carvana.models.registry import ArchSpec, ModelConfig, build_model, register_arch
+from carvana.models import registry
+from carvana.models.registry import ArchSpec, ModelConfig, arch_spec, build_model
 from carvana.training.checkpoint import save_checkpoint
 
 
@@ -30,8 +31,17 @@ class Bright(nn.Module):
         return y[..., m:y.shape[-2] - m, m:y.shape[-1] - m] if m else y
 
 
-register_arch("test_bright", ArchSpec(build=lambda cfg: Bright(), size_multiple=1))
-register_arch("test_bright_margin", ArchSpec(build=lambda cfg: Bright(4), size_multiple=1, output_margin=4))
+BRIGHT_ARCHS = {
+    "test_bright": ArchSpec(build=lambda cfg: Bright(), size_multiple=1),
+    "test_bright_margin": ArchSpec(build=lambda cfg: Bright(4), size_multiple=1, output_margin=4),
+}
+
+
+def use_bright_archs(monkeypatch) -> None:
+    """Register the bright nets for one test only (other tests may list the registry's names)."""
+    arch_spec("unet1024")  # registers the built-in archs first
+    for name, spec in BRIGHT_ARCHS.items():
+        monkeypatch.setitem(registry._ARCHS, name, spec)
 
 
 def save_model(path: Path, config: ModelConfig, hparams: dict | None = None) -> Path:

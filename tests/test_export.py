@@ -14,9 +14,14 @@ from PIL import Image
 from carvana import export, segment
 from carvana.training.checkpoint import load_model
 from carvana.models.registry import ModelConfig
-from segment_helpers import bright, save_model, tiny_unet
+from segment_helpers import bright, save_model, tiny_unet, use_bright_archs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def _bright_archs(monkeypatch):
+    use_bright_archs(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ from PIL import Image, ImageOps
 from carvana import segment
 from carvana.photos import Box, fit_box, probabilities_to_mask, read_photo, to_network_input
 from carvana.training.checkpoint import load_model
-from segment_helpers import bright, tiny_unet
+from segment_helpers import bright, tiny_unet, use_bright_archs
+
+
+@pytest.fixture(autouse=True)
+def _bright_archs(monkeypatch):
+    use_bright_archs(monkeypatch)
 
 
 def run(*argv) -> int:

@@ -11,6 +11,8 @@ On top of them:
 
   pipeline     - the straight-line run behind `python main.py`
   cli          - command-line overrides of main.py's settings
+  segment      - `python -m carvana.segment`: your photos -> masks, cutouts (photos: reading, geometry, outputs)
+  export       - `python -m carvana.export`: ONNX (uint8 RGB in, probabilities out) with a parity check
   rle          - re-export of carvana.data.rle (old import path)
 """
 
