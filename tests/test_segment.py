@@ -208,3 +208,25 @@ def test_usage_errors(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a.jpg")
     assert run("--checkpoint", multi, tmp_path / "a.png", tmp_path / "d", "-o", tmp_path / "out") == 2
     assert "same output files" in capsys.readouterr().err
+
+
+def test_reading_ahead_is_bounded():
+    """Memory stays flat for any number of photos: at most `ahead` photos are read but not consumed."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, consumed, worst = [0], 0, 0
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            started[0] += 1
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        for i in segment._bounded_map(pool, job, ((i,) for i in range(200)), ahead=6):
+            assert i == consumed  # in order
+            consumed += 1
+            with lock:
+                worst = max(worst, started[0] - consumed)
+    assert consumed == 200 and worst <= 6

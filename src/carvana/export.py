@@ -138,8 +138,7 @@ def read_model_metadata(onnx_path: Path) -> dict[str, str]:
 
 def photo_inputs(inputs: Sequence[str | Path], config: ModelConfig, limit: int = 0) -> np.ndarray:
     """Photos (files/folders) letterboxed to the model's input as ``carvana.segment`` does: uint8 (N, 3, H, W)."""
-    from carvana.photos import read_photo, to_network_input
-    from carvana.segment import find_photos
+    from carvana.photos import find_photos, read_photo, to_network_input
 
     photos, problems = find_photos(inputs)
     if problems:

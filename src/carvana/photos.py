@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -58,6 +60,45 @@ def read_photo(path: Path) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise PhotoError(f"{path}: empty image")
     return np.ascontiguousarray(rgb)
+
+
+def find_photos(inputs: Sequence[str | Path], exclude: Path | None = None) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(photos, problems): every (path, output stem relative to OUT_DIR) named by ``inputs``.
+
+    Files are taken as given (whatever their suffix: reading decides); folders are searched
+    recursively for image suffixes, skipping hidden entries and ``exclude`` (the output folder,
+    so outputs never become inputs). Paths that do not exist are reported in ``problems``.
+    """
+    photos: list[tuple[Path, Path]] = []
+    problems: list[str] = []
+    skip = exclude.resolve() if exclude is not None else None
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = []
+            for p in sorted(item.rglob("*")):
+                rel = p.relative_to(item)
+                if (p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file()
+                        or any(part.startswith(".") for part in rel.parts)
+                        or (skip is not None and p.resolve().is_relative_to(skip))):
+                    continue
+                found.append((p, rel.with_suffix("")))
+            if not found:
+                warnings.warn(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder", stacklevel=2)
+            photos += found
+        elif item.exists():
+            photos.append((item, Path(item.stem)))
+        else:
+            problems.append(f"{item}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    clashes = []
+    for path, rel in photos:
+        if rel in seen:
+            clashes.append(f"{seen[rel]} and {path}")
+        seen.setdefault(rel, path)
+    if clashes:
+        raise PhotoError(f"these inputs would write the same output files ({'; '.join(clashes[:5])}): "
+                         "segment them in separate runs with different -o folders")
+    return photos, problems
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from carvana.models.registry import ModelConfig, arch_spec
-from carvana.photos import (FITS, IMAGE_SUFFIXES, Background, PhotoError, output_paths, parse_background,
+from carvana.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
                             probabilities_to_mask, read_photo, to_network_input, write_outputs)
 from carvana.training.checkpoint import CheckpointError, load_model
 
@@ -98,46 +99,6 @@ def threshold_of(state: dict) -> float:
     return float((state.get("hparams") or {}).get("threshold", 0.5))
 
 
-# ------------------------------------------------------------------------------- inputs
-def find_photos(inputs: Sequence[str | Path], exclude: Path | None = None) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """(photos, problems): every (path, output stem relative to OUT_DIR) named by ``inputs``.
-
-    Files are taken as given (whatever their suffix: reading decides); folders are searched
-    recursively for image suffixes, skipping hidden entries and ``exclude`` (the output folder,
-    so outputs never become inputs). Paths that do not exist are reported in ``problems``.
-    """
-    photos: list[tuple[Path, Path]] = []
-    problems: list[str] = []
-    skip = exclude.resolve() if exclude is not None else None
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = []
-            for p in sorted(item.rglob("*")):
-                rel = p.relative_to(item)
-                if (p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file()
-                        or any(part.startswith(".") for part in rel.parts)
-                        or (skip is not None and p.resolve().is_relative_to(skip))):
-                    continue
-                found.append((p, rel.with_suffix("")))
-            if not found:
-                warnings.warn(f"{item}: no {'/'.join(IMAGE_SUFFIXES)} images in this folder", stacklevel=2)
-            photos += found
-        elif item.exists():
-            photos.append((item, Path(item.stem)))
-        else:
-            problems.append(f"{item}: no such file or folder")
-    seen: dict[Path, Path] = {}
-    clashes = []
-    for path, rel in photos:
-        if rel in seen:
-            clashes.append(f"{seen[rel]} and {path}")
-        seen.setdefault(rel, path)
-    if clashes:
-        raise SegmentError(f"these inputs would write the same output files ({'; '.join(clashes[:5])}): "
-                           "segment them in separate runs with different -o folders")
-    return photos, problems
-
-
 # ------------------------------------------------------------------------------- the run
 @dataclass
 class Summary:
@@ -155,7 +116,7 @@ class _Photo:
     rel: Path
     rgb: np.ndarray | None = None
     net_input: np.ndarray | None = None
-    box: object = None
+    box: Box | None = None
     error: str = ""
 
 
@@ -223,9 +184,9 @@ def segment_photos(segmenter: Segmenter, photos: Sequence[tuple[Path, Path]], ou
         try:
             fut.result()
             summary.written += 1
-        except OSError as exc:  # a full disk or unwritable folder fails this photo, not the run
-            summary.failed += 1
-            warnings.warn(f"{photo.path}: could not write its outputs ({exc})", stacklevel=3)
+        except (OSError, ValueError, MemoryError, cv2.error) as exc:  # a full disk, a photo too big to encode:
+            summary.failed += 1                                           # this photo fails, not the run
+            warnings.warn(f"{photo.path}: could not write its outputs ({type(exc).__name__}: {exc})", stacklevel=3)
         bar.update(1)
 
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="read") as readers, \
