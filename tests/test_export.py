@@ -109,3 +109,17 @@ def test_readme_onnx_snippet_runs_without_the_package(tmp_path):
     assert theirs.shape == ours.shape == (517, 333)
     assert (theirs != ours).mean() < 0.01  # PIL vs OpenCV resampling may move an edge by a pixel
     assert abs(int(theirs.sum()) - 300 * 250) < 0.05 * 300 * 250
+
+
+def test_multiclass_export_gives_softmax_probabilities(tmp_path):
+    ckpt = tiny_unet(tmp_path / "multi.pt", classes=3, input_size=(64, 64))
+    assert export.main(["--checkpoint", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
+    model, config, _ = load_model(ckpt)
+    images = np.random.default_rng(2).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    result = export.onnx_parity(model, config, tmp_path / "m.onnx", images)
+    assert result["max_abs_diff"] < export.PARITY_TOLERANCE and result["mask_pixels_differing"] == 0, result
+    import onnxruntime as ort
+    prob = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    assert prob.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-5)  # softmax over the classes
+    assert export.read_model_metadata(tmp_path / "m.onnx")["classes"] == "3"

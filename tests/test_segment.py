@@ -230,3 +230,19 @@ def test_reading_ahead_is_bounded():
             with lock:
                 worst = max(worst, started[0] - consumed)
     assert consumed == 200 and worst <= 6
+
+
+def test_threshold_comes_from_the_checkpoint_run_when_it_is_a_number():
+    assert segment.threshold_of({"hparams": {"threshold": 0.3}}) == 0.3
+    assert segment.threshold_of({"hparams": {"threshold": "auto"}}) == 0.5
+    assert segment.threshold_of({"hparams": {"threshold": 7}}) == 0.5
+    assert segment.threshold_of({}) == 0.5
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        segment.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--checkpoint", "--overlay", "--background", "--tta", "--overwrite", "--fit"):
+        assert flag in out

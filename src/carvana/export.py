@@ -153,6 +153,8 @@ def photo_inputs(inputs: Sequence[str | Path], config: ModelConfig, limit: int =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: export, then check parity; 0 if it holds, 1 if not, 2 for a usage error."""
+    from carvana.segment import threshold_of
+
     p = argparse.ArgumentParser(prog="python -m carvana.export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by main.py")
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model, config, state = load_model(args.checkpoint)
-        threshold = float((state.get("hparams") or {}).get("threshold", 0.5)) if args.threshold is None else args.threshold
+        threshold = threshold_of(state) if args.threshold is None else args.threshold
         verify = photo_inputs(args.verify, config, args.verify_limit) if args.verify else None
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

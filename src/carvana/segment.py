@@ -95,8 +95,12 @@ class Segmenter:
 
 
 def threshold_of(state: dict) -> float:
-    """The threshold the checkpoint's run used (0.5 when it does not say)."""
-    return float((state.get("hparams") or {}).get("threshold", 0.5))
+    """The threshold the checkpoint's run used; 0.5 when it does not say or stores no number in [0, 1]."""
+    try:
+        value = float((state.get("hparams") or {}).get("threshold", 0.5))
+    except (TypeError, ValueError):  # e.g. a setting such as "auto" rather than a number
+        return 0.5
+    return value if 0.0 <= value <= 1.0 else 0.5
 
 
 # ------------------------------------------------------------------------------- the run
