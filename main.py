@@ -38,6 +38,7 @@ AMP = True  # mixed precision on CUDA (bf16 where supported, else fp16); ignored
 CHANNELS_LAST = True  # channels_last memory format on CUDA; ignored on CPU
 COMPILE = False  # torch.compile the model (CUDA only)
 SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
+DIST_TIMEOUT = 1800.0  # seconds a torchrun process waits at a collective for a hung peer before failing
 RUN_NAME = ""  # run name for output/models/<run> and logs/<run>; empty = a timestamp
 RESUME = False  # continue the run (--run-name, else the latest) from last.pt; prediction resumes too
 CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's best.pt)

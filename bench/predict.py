@@ -61,6 +61,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 class NullSaver(Callback):
     """Stands in for PredictionsSaverCallback: same constructor and remaining(), no work."""
 
+    already_complete = False
+
     def __init__(self, path: Path, names: list[str], *args: Any, **kwargs: Any) -> None:
         self.names = list(names)
 
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="timed pipeline/forward pairs (default 15)")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes (default 2)")
     parser.add_argument("--postprocess-workers", type=int, default=2, help="saver threads (default 2)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="rows per gzip member (default 256)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="rows per chunk of the gzip member (default 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     parser.add_argument("--tta", action="store_true", help="flip TTA (two forwards per batch) in both runs")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")

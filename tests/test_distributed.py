@@ -9,10 +9,12 @@ single-process prediction from the same checkpoint. A second run resumes it unde
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ from carvana.data.demo_data import write_demo_dataset
 from carvana.training.distributed import ShardSampler
 from carvana.data.fetcher import DatasetFetcher
 from carvana.models.unet1024 import UNet1024
-from carvana.submission.sharded import assemble_shards, gzip_member_ends, shard_names
+from carvana.submission.fingerprint import marker_path
+from carvana.submission.gzip_stream import ChunkedGzipWriter, deflate_chunk
+from carvana.submission.sharded import assemble_shards, shard_names
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 SEED, VALIDATION_SIZE = 7, 0.5  # passed explicitly: the test must not depend on main.py's defaults
@@ -107,8 +111,10 @@ def test_sharded_prediction_equals_single_process_prediction_from_the_same_check
     assert len(sharded_rows) == 17 and sharded_rows[0] == "img,rle_mask"
     assert sharded_rows == single_rows
     assert sharded.read_bytes() == single.read_bytes()
-    assert len(gzip_member_ends(sharded)) == 3
-    assert not list(sharded.parent.glob("submit.csv.gz.rank*"))  # shards are removed once assembled
+    inflater = zlib.decompressobj(wbits=31)  # read only the first member: it holds every row
+    assert inflater.decompress(sharded.read_bytes()).decode().splitlines() == single_rows
+    assert inflater.eof and inflater.unused_data == b""
+    assert not list(sharded.parent.glob("submit.csv.gz.rank*"))  # shards and their records are removed once assembled
 
 
 def test_resume_under_torchrun_continues_the_same_run(ddp_run, tmp_path):
@@ -133,15 +139,32 @@ def test_shard_sampler_covers_every_index_once_where_distributed_sampler_pads():
     assert sum(map(len, padded)) == 9  # why validation does not use it
 
 
-def members(rows: list[str], chunk: int, header: bool) -> list[bytes]:
-    """The gzip members a single-process run writes for ``rows``."""
+def chunk_texts(rows: list[str], chunk: int) -> list[bytes]:
     texts = ["".join(rows[i : i + chunk]) for i in range(0, len(rows), chunk)]
-    if header:
-        texts[0] = "img,rle_mask\n" + texts[0]
-    return [gzip.compress(t.encode(), mtime=0) for t in texts]
+    texts[0] = "img,rle_mask\n" + texts[0]
+    return [t.encode() for t in texts]
 
 
-def test_shards_interleave_back_into_the_single_process_file(tmp_path):
+def single_process_file(path: Path, texts: list[bytes]) -> bytes:
+    """What one process writes for these chunk texts."""
+    writer = ChunkedGzipWriter(path, path.with_name(path.name + ".side"), {"fingerprint": "x", "components": {}})
+    writer.recover(len(texts))
+    for text in texts:
+        writer.append(text)
+    writer.finish()
+    return path.read_bytes()
+
+
+def write_shard(path: Path, texts: list[bytes]) -> Path:
+    """A shard as PredictionsSaverCallback(raw=True) leaves it: bare segments plus a record."""
+    segments = [deflate_chunk(t) for t in texts]
+    path.write_bytes(b"".join(segments))
+    chunks = [[len(seg), zlib.crc32(t), len(t)] for seg, t in zip(segments, texts)]
+    marker_path(path).write_text(json.dumps({"chunks": chunks}))
+    return path
+
+
+def test_shards_assemble_into_the_single_process_file_one_gzip_member(tmp_path):
     names = [f"car_{i:02d}.jpg" for i in range(11)]
     rows = [f"{n},{i + 1} {i + 2}\n" for i, n in enumerate(names)]
     chunk, world = 2, 3  # 6 chunks (the last of one row) over 3 ranks
@@ -151,30 +174,32 @@ def test_shards_interleave_back_into_the_single_process_file(tmp_path):
     assert sorted(sum(mine, [])) == names
     assert shard_names(names, 100, 1, 2) == []  # more ranks than chunks: nothing to do
 
-    whole = members(rows, chunk, header=True)
-    shards = []
-    for r in range(world):
-        path = tmp_path / f"shard{r}"
-        path.write_bytes(b"".join(whole[r::world]))
-        shards.append(path)
-    # A tiny read block makes members straddle reads.
-    sizes = [len(m) for m in whole[0::world]]
-    assert gzip_member_ends(shards[0], block=7) == [sizes[0], sizes[0] + sizes[1]]
+    texts = chunk_texts(rows, chunk)
+    shards = [write_shard(tmp_path / f"shard{r}", texts[r::world]) for r in range(world)]
     out = tmp_path / "submit.csv.gz"
-    assemble_shards(out, shards)
-    assert out.read_bytes() == b"".join(whole)
-    assert gzip.decompress(out.read_bytes()).decode() == "img,rle_mask\n" + "".join(rows)
-    assert not any(s.exists() for s in shards)
+    assemble_shards(out, shards, names, identity={"fingerprint": "f", "components": {"c": 1}})
+    assert out.read_bytes() == single_process_file(tmp_path / "single.csv.gz", texts)
+    inflater = zlib.decompressobj(wbits=31)
+    assert inflater.decompress(out.read_bytes()).decode() == "img,rle_mask\n" + "".join(rows)
+    assert inflater.eof and inflater.unused_data == b""
+    assert json.loads(marker_path(out).read_text())["fingerprint"] == "f"
+    assert not any(s.exists() or marker_path(s).exists() for s in shards)
 
 
-def test_assembling_refuses_truncated_or_misassigned_shards(tmp_path):
-    whole = members([f"a{i},1 1\n" for i in range(4)], 1, header=True)
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.write_bytes(whole[0] + whole[2][:-3])  # the last member cut short
-    b.write_bytes(whole[1] + whole[3])
-    with pytest.raises(ValueError, match="complete gzip member"):
+def test_assembling_refuses_truncated_corrupt_or_misassigned_shards(tmp_path):
+    texts = chunk_texts([f"a{i},1 1\n" for i in range(4)], 1)
+    a, b = write_shard(tmp_path / "a", texts[0::2]), write_shard(tmp_path / "b", texts[1::2])
+    a.write_bytes(a.read_bytes()[:-3])  # the last chunk cut short
+    with pytest.raises(ValueError, match="complete chunk"):
         assemble_shards(tmp_path / "out.gz", [a, b])
-    a.write_bytes(whole[0])  # rank 0 short of a chunk: round-robin order is broken
+    write_shard(a, texts[0::2])
+    data = bytearray(b.read_bytes())
+    data[2] ^= 0xFF  # a flipped byte inside chunk 1 of shard b
+    b.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="(corrupt|does not match its record)"):
+        assemble_shards(tmp_path / "out.gz", [a, b])
+    write_shard(b, texts[1::2])
+    write_shard(a, texts[0:1])  # rank 0 short of a chunk: round-robin order is broken
     with pytest.raises(ValueError, match="round-robin"):
         assemble_shards(tmp_path / "out.gz", [a, b])
     with pytest.raises(FileNotFoundError, match="shared filesystem"):

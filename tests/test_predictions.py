@@ -25,6 +25,7 @@ from carvana.data.layout import ORIG_HEIGHT, ORIG_WIDTH
 from carvana.data.postprocess import upsample_mask
 from carvana.submission.predictions import HEADER_LINE, PredictionsSaverCallback, upsample_masks_torch
 from carvana.data.rle import rle_decode
+from carvana.submission.gzip_stream import GZIP_HEADER
 
 H, W = 64, 96
 TESTS_DIR = Path(__file__).resolve().parent
@@ -109,18 +110,29 @@ def test_rows_decode_to_the_predicted_masks(tmp_path: Path) -> None:
         np.testing.assert_array_equal(rle_decode(rle).astype(bool), expected)
 
 
-def test_chunk_sizes_give_identical_content_in_multiple_members(tmp_path: Path) -> None:
+def first_member_text(data: bytes) -> bytes:
+    """What a decoder that reads only the first gzip member returns (one decompressobj, used once)."""
+    d = zlib.decompressobj(wbits=31)
+    text = d.decompress(data)
+    assert d.eof, "the first member is truncated"
+    return text
+
+
+def test_any_chunk_size_gives_one_gzip_member_that_a_first_member_decoder_reads_whole(tmp_path: Path) -> None:
+    # Fails on the old writer: it wrote one member per chunk (7, 3 and 1 members here), and a
+    # first-member-only decoder saw only the header and the first chunk's rows.
     names = make_names(7)
     texts = {}
     for cs in (1, 3, 50):
         out = tmp_path / f"cs{cs}" / "submit.csv.gz"
         data = run_full(out, names, batch=2, chunk_size=cs)
-        assert gzip_members(data) == math.ceil(len(names) / cs)
-        with gzip.open(out, "rb") as f:  # the standard reader reads across members
-            texts[cs] = f.read()
+        assert gzip_members(data) == 1
+        texts[cs] = first_member_text(data)
+        with gzip.open(out, "rb") as f:  # the standard reader agrees (and checks CRC and length)
+            assert f.read() == texts[cs]
     assert texts[1] == texts[3] == texts[50]
     lines = texts[1].decode().splitlines()
-    assert lines[0] + "\n" == HEADER_LINE and len(lines) == 1 + len(names)
+    assert lines[0] + "\n" == HEADER_LINE and [r.split(",")[0] for r in lines[1:]] == names
 
 
 def _traced_peak(tmp_path: Path, n: int) -> int:
@@ -194,10 +206,12 @@ def test_on_exception_keeps_complete_chunks_and_no_final_file(tmp_path: Path, ca
     names = make_names(10)
     out = tmp_path / "submit.csv.gz"
     cb = _interrupt_after(out, names, fed=7, chunk_size=3)
-    assert "resumes from chunk 2" in capsys.readouterr().err
+    assert "2/4 chunks saved" in (err := capsys.readouterr().err) and "resumes from chunk 3" in err
     assert not out.exists()
     assert json.loads(side(out).read_text())["chunks_done"] == cb.chunks_done == 2
-    text = gzip.decompress(partial(out).read_bytes()).decode()
+    data = partial(out).read_bytes()  # the unfinished member: header + full-flushed segments, no trailer
+    assert data.startswith(GZIP_HEADER)
+    text = zlib.decompressobj(-15).decompress(data[len(GZIP_HEADER):]).decode()
     assert text.splitlines()[1:] and [r.split(",")[0] for r in text.splitlines()[1:]] == names[:6]
     with pytest.raises(RuntimeError, match="already finished"):
         feed(cb, names[7:8])
@@ -221,15 +235,22 @@ def test_resume_truncates_a_half_written_member(tmp_path: Path) -> None:
     assert out.read_bytes() == reference
 
 
-def test_other_fingerprint_starts_fresh(tmp_path: Path) -> None:
+def test_other_fingerprint_starts_fresh_and_says_which_setting_changed(tmp_path: Path, capsys) -> None:
     names = make_names(10)
     out = tmp_path / "submit.csv.gz"
-    _interrupt_after(out, names, fed=7, chunk_size=3, threshold=0.5)
-    for other in ({"names": names[::-1]}, {"chunk_size": 4}, {"threshold": 0.3}):
+    cases = [({"names": names[::-1]}, "names changed"), ({"chunk_size": 4}, "chunk_size changed (3 -> 4)"),
+             ({"settings": {"tta": False}}, "tta changed (<none> -> false)"),
+             ({"threshold": 0.3}, "threshold changed (0.5 -> 0.3)")]
+    for other, message in cases:
         kw = {"names": names, "chunk_size": 3, "threshold": 0.5} | other
+        side(out).unlink(missing_ok=True)
+        _interrupt_after(out, names, fed=7, chunk_size=3, threshold=0.5)  # the 0.5 run's progress again
+        capsys.readouterr()
         cb = PredictionsSaverCallback(out, **kw)
         assert cb.remaining() == kw["names"] and cb.chunks_done == 0
-        assert partial(out).stat().st_size == 0 and not side(out).exists()
+        assert partial(out).stat().st_size == len(GZIP_HEADER) and not side(out).exists()
+        err = capsys.readouterr().err
+        assert "not resuming" in err and message in err, err
     # The last one (threshold 0.3) runs to completion with nothing left over from the 0.5 run.
     feed(cb, cb.remaining())
     cb.on_predict_end(None)
@@ -306,3 +327,92 @@ def test_torch_upsampling_matches_cv2_except_at_the_threshold() -> None:
         up = cv2.resize(prob, (ORIG_WIDTH, ORIG_HEIGHT), interpolation=cv2.INTER_LINEAR)
         differ = mask != upsample_mask(prob, 0.5)
         assert np.all(np.abs(up[differ] - 0.5) < 1e-4)
+
+
+def _threads(prefix: str) -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+@pytest.mark.parametrize("fail_at, saved, hint", [
+    (4, "3/4 chunks", "resumes from chunk 4"),  # the last chunk, written while on_predict_end drains
+    (5, "4/4 chunks", "finishes it without predicting again"),  # the trailer that ends the member
+])
+def test_disk_full_while_finishing_cleans_up_and_a_rerun_resumes(tmp_path: Path, monkeypatch, capsys,
+                                                                 fail_at, saved, hint) -> None:
+    # Fails on the old code: an error while draining skipped the cleanup (pools left running,
+    # no message saying where the chunks are and that a rerun resumes).
+    import errno
+
+    names = make_names(10)
+    reference = run_full(tmp_path / "ref.csv.gz", names, chunk_size=3)
+    out = tmp_path / "out" / "submit.csv.gz"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:  # every write of the .partial ends with an fsync: fail the fail_at-th
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr("carvana.submission.gzip_stream.os.fsync", fsync)
+    cb = PredictionsSaverCallback(out, names, chunk_size=3, workers=2, max_pending=64)
+    feed(cb, names, batch=5)  # max_pending > 10: the last chunk is written in on_predict_end
+    with pytest.raises(OSError) as info:
+        cb.on_predict_end(None)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and str(partial(out)) in str(info.value)
+    err = capsys.readouterr().err
+    assert f"{saved} saved in {partial(out)}" in err and hint in err and "No space left" in err, err
+    assert _threads("rle") == [] and _threads("submit-writer") == []  # the pools were shut down
+    assert not out.exists()
+
+    again = PredictionsSaverCallback(out, names, chunk_size=3)
+    assert again.remaining() == names[3 * (fail_at - 1):]
+    feed(again, again.remaining())
+    again.on_predict_end(None)
+    assert out.read_bytes() == reference
+
+
+def test_a_finished_file_with_the_same_fingerprint_is_recognised_not_rewritten(tmp_path: Path, capsys) -> None:
+    # Fails on the old code: nothing recorded what a finished file was made from, so every run predicted again.
+    names = make_names(7)
+    out = tmp_path / "submit.csv.gz"
+    settings = {"weights": "sha256 aaa", "tta": True}
+    data = run_full(out, names, chunk_size=3, settings=settings)
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    assert record["rows"] == 7 and record["bytes"] == len(data) and record["components"]["weights"] == "sha256 aaa"
+    mtime = out.stat().st_mtime_ns
+
+    cb = PredictionsSaverCallback(out, names, chunk_size=3, settings=settings)
+    assert cb.already_complete and cb.remaining() == [] and cb.rows_resumed == 7
+    cb.on_predict_end(None)
+    assert out.stat().st_mtime_ns == mtime and not partial(out).exists()
+
+    capsys.readouterr()
+    cb = PredictionsSaverCallback(out, names, chunk_size=3, settings={**settings, "weights": "sha256 bbb"})
+    assert not cb.already_complete and cb.remaining() == names
+    assert "made with other settings: weights changed (sha256 aaa -> sha256 bbb)" in capsys.readouterr().err
+    cb.on_exception(None, KeyboardInterrupt())
+
+    out.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # edited since: the record no longer describes it
+    cb = PredictionsSaverCallback(out, names, chunk_size=3, settings=settings)
+    assert not cb.already_complete and "changed since it was written" in capsys.readouterr().err
+
+
+def test_weights_digest_follows_the_contents_not_the_file(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from carvana.submission.fingerprint import weights_digest
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    torch.save(net.state_dict(), tmp_path / "b.pt")  # another path and mtime, same weights
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert weights_digest(a) == weights_digest(b) == weights_digest(net.state_dict())
+    b["0.weight"] = b["0.weight"].clone()
+    b["0.weight"][0, 0, 0, 0] += 1e-6
+    assert weights_digest(b) != weights_digest(a)
+    assert weights_digest({"w": torch.ones(2, dtype=torch.bfloat16)}) != weights_digest({"w": torch.ones(2)})

@@ -27,14 +27,14 @@ from carvana.data.kaggle_client import KaggleError
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
 from carvana.models.registry import ModelConfig, build_model
 from carvana.models.unet1024 import parse_input_size
-from carvana.submission.predictions import PredictionsSaverCallback
+from carvana.submission.gzip_stream import SubmissionWriteError
 from carvana.submission.sharded import predict_to_submission
 from carvana.submission.validate import SubmissionError, upload_submission, validate_submission
 
 # Errors whose message already says what is wrong and what to do: main.py prints them
 # without a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
-               KaggleError, SubmissionError, FloatingPointError)
+               KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure)
 
 MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
@@ -50,7 +50,7 @@ def resolve_run(hp: SimpleNamespace) -> str:
     """The run name: --run-name, else (with --resume) the latest run that has last.pt, else a timestamp."""
     if hp.run_name:
         return hp.run_name
-    if hp.resume:
+    if hp.resume and (hp.train or not hp.checkpoint):  # predicting from --checkpoint needs no training run
         runs = sorted(MODELS_DIR.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise SystemExit(f"--resume: no run with a last.pt under {MODELS_DIR}; start one without --resume")
@@ -86,7 +86,7 @@ def run_pipeline(hp: SimpleNamespace) -> int:
         times[name] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    device = dist.init(hp.device)
+    device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()
     seed_everything(hp.seed)
     input_hw = parse_input_size(hp.input_size)
@@ -153,7 +153,7 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     rows = predict_to_submission(
         classifier, test_images, output, input_hw, threshold=hp.threshold, chunk_size=hp.chunk_size,
         postprocess_workers=hp.postprocess_workers, batch_size=hp.predict_batch_size, loader_workers=hp.workers,
-        tta=hp.tta, tag=weights_tag(weights),
+        tta=hp.tta,
     )
     stage_done("predict")
 
@@ -188,14 +188,6 @@ def make_valid_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
     ranks (no padding), so the all-reduced Dice is the single-process one (see validate())."""
     return DataLoader(dataset, batch_size=hp.batch_size, sampler=dist.ShardSampler(len(dataset)),
                       num_workers=hp.workers, pin_memory=pin, persistent_workers=hp.workers > 0)
-
-
-def weights_tag(path: Path) -> str:
-    """Identifies the weights a partial submission was made with (resume only with the same)."""
-    if not path.exists():
-        return "untrained"
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

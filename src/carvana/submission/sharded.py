@@ -2,26 +2,40 @@
 
 Chunks of ``chunk_size`` names are the unit of work: in one process they are written in
 order by a single PredictionsSaverCallback. Under torchrun rank ``r`` predicts chunks
-r, r+W, r+2W, ... into its own shard file (one gzip member per chunk, resumable like the
-single file), and rank 0 then interleaves the members back into global order. Each
-member is the same bytes either way (gzip with mtime=0), so the sharded file is
-byte-identical to the single-process one, provided the model's float results per image
-are too (on the CPU they can depend on the thread count; torchrun sets OMP_NUM_THREADS=1).
-Several machines need a shared working directory: rank 0 reads every rank's shard.
+r, r+W, r+2W, ... into its own shard: bare deflate segments, one per chunk, resumable like
+the single file, with a record (``<shard>.json``) listing each segment's length, CRC32 and
+text length. Rank 0 then copies the segments in global order behind one gzip header and
+ends the member with the CRC32 of the whole text (recomputed by inflating each segment,
+which also checks it against the shard's record). A segment's bytes depend only on its
+chunk's text, so the sharded file is byte-identical to the single-process one, provided
+the model's float results per image are too (on the CPU they can depend on the thread
+count; torchrun sets OMP_NUM_THREADS=1). Several machines need a shared working
+directory: rank 0 reads every rank's shard.
+
+Failures: after predicting, and again after assembling, all ranks all-reduce an "ok" flag;
+a rank that failed re-raises its error and the others raise ``PeerFailure``, so every rank
+exits within seconds of the slowest one finishing its shard. A rank that hangs instead is
+bounded by the process-group timeout (``--dist-timeout``, see ``distributed.init``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch.utils.data import DataLoader
 
 from carvana.training import distributed as dist
 from carvana.data.datasets import TestImageDataset
-from carvana.submission.predictions import PredictionsSaverCallback
+from carvana.submission.fingerprint import (check_finished, file_sha256, fingerprint_of, marker_path,
+                                            prediction_components, weights_digest)
+from carvana.submission.gzip_stream import (COMPRESS_LEVEL, GZIP_HEADER, fsync_dir, gzip_trailer, iter_segment,
+                                            write_json_atomic)
+from carvana.submission.predictions import HEADER_LINE, PredictionsSaverCallback
+from carvana.submission.rows import verify_rows
 
 
 def shard_names(names: Sequence[str], chunk_size: int, rank: int, world: int) -> list[str]:
@@ -30,64 +44,92 @@ def shard_names(names: Sequence[str], chunk_size: int, rank: int, world: int) ->
     return [n for k in range(rank, n_chunks, world) for n in names[k * chunk_size : (k + 1) * chunk_size]]
 
 
-def gzip_member_ends(path: Path, block: int = 1 << 20) -> list[int]:
-    """Byte offsets where each gzip member of ``path`` ends, streaming in ``block``-sized reads."""
-    ends, pos = [], 0
-    inflater = zlib.decompressobj(wbits=31)
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            while data:
-                inflater.decompress(data, 1 << 22)  # output discarded; bounded per call
-                while inflater.unconsumed_tail and not inflater.eof:
-                    inflater.decompress(inflater.unconsumed_tail, 1 << 22)
-                if inflater.eof:
-                    used = len(data) - len(inflater.unused_data)
-                    pos += used
-                    ends.append(pos)
-                    data = inflater.unused_data
-                    inflater = zlib.decompressobj(wbits=31)
-                else:
-                    pos += len(data)
-                    data = b""
-    return ends
+def shard_path(output: Path, rank: int, world: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}-of-{world}")
 
 
-def assemble_shards(output: Path, shards: Sequence[Path]) -> None:
-    """Interleave the members of ``shards`` (rank order) into ``output``, atomically.
+def _shard_index(shard: Path) -> list[list[int]]:
+    """A finished shard's [compressed bytes, crc32, text bytes] per chunk, checked against its size."""
+    if not shard.is_file() or not marker_path(shard).is_file():
+        raise FileNotFoundError(f"prediction shard {shard} (or its record {marker_path(shard).name}) not found (on "
+                                "several machines the working directory must be a shared filesystem)")
+    try:
+        chunks = [[int(a), int(b), int(c)] for a, b, c in json.loads(marker_path(shard).read_text())["chunks"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{marker_path(shard)}: unreadable shard record ({e})") from e
+    if sum(c[0] for c in chunks) != shard.stat().st_size:
+        raise ValueError(f"{shard}: {shard.stat().st_size} bytes, its record lists {sum(c[0] for c in chunks)}: "
+                         "it does not end with a complete chunk")
+    return chunks
 
-    Shard r must hold global chunks r, r+W, ... (W = len(shards)), one gzip member each.
+
+def assemble_shards(output: Path, shards: Sequence[Path], names: Sequence[str] | None = None,
+                    identity: Mapping[str, Any] | None = None) -> None:
+    """Join the chunks of ``shards`` (rank order) into ``output``, one gzip member, atomically.
+
+    Shard r must hold global chunks r, r+W, ... (W = len(shards)) as bare deflate segments,
+    with a record ``<shard>.json`` (what ``PredictionsSaverCallback(raw=True)`` writes).
+    ``names``: verify the result has exactly these rows, in order. ``identity``
+    (fingerprint and components of the whole prediction): write ``<output>.json`` too.
     """
-    missing = [str(s) for s in shards if not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"prediction shards not found: {', '.join(missing)} (on several machines the "
-                                "working directory must be a shared filesystem)")
-    spans = []
-    for shard in shards:
-        ends = gzip_member_ends(shard)
-        if (ends[-1] if ends else 0) != Path(shard).stat().st_size:
-            raise ValueError(f"{shard}: does not end with a complete gzip member")
-        spans.append(list(zip([0] + ends[:-1], ends)))
-    total, world = sum(len(s) for s in spans), len(shards)
+    output = Path(output)
+    shards = [Path(s) for s in shards]
+    index = [_shard_index(s) for s in shards]
+    total, world = sum(len(c) for c in index), len(shards)
     expected = [len(range(r, total, world)) for r in range(world)]
-    if [len(s) for s in spans] != expected:
-        raise ValueError(f"shards hold {[len(s) for s in spans]} chunks; round-robin over {total} needs {expected}")
+    if [len(c) for c in index] != expected:
+        raise ValueError(f"shards hold {[len(c) for c in index]} chunks; round-robin over {total} needs {expected}")
+    starts = [[sum(c[0] for c in chunks[:i]) for i in range(len(chunks))] for chunks in index]
     tmp = output.with_name(output.name + ".assembling")
     handles = [open(s, "rb") for s in shards]
+    crc = size = 0
+    chunks = []
     try:
         with open(tmp, "wb") as out:
+            out.write(GZIP_HEADER)
             for k in range(total):
                 rank, local = k % world, k // world
-                start, end = spans[rank][local]
-                handles[rank].seek(start)
-                out.write(handles[rank].read(end - start))
+                length, chunk_crc, chunk_size = index[rank][local]
+                # zlib has no crc32_combine in Python: the whole text's CRC comes from
+                # inflating each segment, which also checks it against the shard's record.
+                seg_crc = seg_size = 0
+                for piece in iter_segment(handles[rank], starts[rank][local], length):
+                    seg_crc, seg_size = zlib.crc32(piece, seg_crc), seg_size + len(piece)
+                    crc = zlib.crc32(piece, crc)
+                if (seg_crc, seg_size) != (chunk_crc, chunk_size):
+                    raise ValueError(f"{shards[rank]}: chunk {local + 1} does not match its record (CRC32/length)")
+                size += seg_size
+                handles[rank].seek(starts[rank][local])
+                out.write(handles[rank].read(length))
+                chunks.append(index[rank][local])
+            out.write(gzip_trailer(crc, size))
             out.flush()
             os.fsync(out.fileno())
     finally:
         for h in handles:
             h.close()
+    if names is not None:
+        verify_rows(tmp, names, HEADER_LINE)
+    if identity is not None:
+        write_json_atomic(marker_path(output), {**identity, "rows": len(names) if names is not None else None,
+                                                "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp),
+                                                "chunks": chunks})
     os.replace(tmp, output)
+    fsync_dir(output.parent)
     for shard in shards:
         shard.unlink()
+        marker_path(shard).unlink(missing_ok=True)
+
+
+def prediction_settings(classifier: Any, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
+    """The fingerprint components a classifier adds: everything besides names/chunks/threshold that changes a row."""
+    config = getattr(classifier, "model_config", None)
+    return {
+        "tta": bool(tta), "input_size": list(input_hw),
+        "model_config": config.to_dict() if config is not None else None,
+        "weights": weights_digest(classifier.model.state_dict()),  # the contents, not a file's path or mtime
+        "precision": str(getattr(classifier, "amp_dtype", None) or "float32"),
+    }
 
 
 def predict_to_submission(
@@ -102,31 +144,63 @@ def predict_to_submission(
     loader_workers: int = 2,
     tta: bool = False,
     tag: str = "",
+    settings: Mapping[str, Any] | None = None,
 ) -> int:
     """Predict ``test_images`` (in order) into ``output`` (.csv.gz); returns the row count.
 
-    Resumes from complete chunks left by an interrupted run with the same ``tag``.
+    Resumes from the complete chunks of an interrupted run with the same fingerprint (names,
+    chunking, threshold, TTA, input size, model config, weights' contents, ``tag``,
+    ``settings``), and predicts nothing if ``output`` is already complete for it.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     names = [p.name for p in test_images]
     by_name = {p.name: p for p in test_images}
+    settings = {**prediction_settings(classifier, input_hw, tta), **(settings or {})}
     rank, world = dist.rank(), dist.world_size()
-    mine = shard_names(names, chunk_size, rank, world)
-    path = output if world == 1 else output.with_name(f"{output.name}.rank{rank}-of-{world}")
-    if mine:
-        saver = PredictionsSaverCallback(path, mine, threshold, chunk_size, postprocess_workers, header=rank == 0, tag=tag)
+    main = dist.is_main_process()
+    up_to_date = f"prediction: {output} is already complete for these images, settings and weights; not predicting again"
+
+    def predict(saver: PredictionsSaverCallback) -> None:
         todo = [by_name[n] for n in saver.remaining()]
-        if len(todo) < len(mine) and dist.is_main_process():
-            print(f"prediction: resuming, {len(mine) - len(todo)} rows already written")
-        dataset = TestImageDataset(todo, input_hw)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers if todo else 0,
-                            pin_memory=classifier.device.type == "cuda")
+        if saver.already_complete:
+            saver.on_predict_end(classifier)  # nothing to predict: just close it
+            if main:
+                print(up_to_date)
+            return
+        if len(todo) < len(saver.names) and main:
+            print(f"prediction: resuming, {len(saver.names) - len(todo)} rows already written")
+        loader = DataLoader(TestImageDataset(todo, input_hw), batch_size=batch_size,
+                            num_workers=loader_workers if todo else 0, pin_memory=classifier.device.type == "cuda")
         classifier.predict(loader, [saver], tta=tta)
-    if world > 1:
-        dist.barrier()
-        if dist.is_main_process():
-            shards = [output.with_name(f"{output.name}.rank{r}-of-{world}") for r in range(world) if shard_names(names, chunk_size, r, world)]
-            assemble_shards(output, shards)
-        dist.barrier()
+
+    if world == 1:
+        predict(PredictionsSaverCallback(output, names, threshold, chunk_size, postprocess_workers, tag=tag,
+                                         settings=settings))
+        return len(names)
+
+    # Sharded: the whole file's identity, as a single process would record it.
+    components = prediction_components(names, chunk_size, threshold, True, tag, settings, COMPRESS_LEVEL)
+    components["container"] = "gzip"
+    identity = {"fingerprint": fingerprint_of(components), "components": components}
+    if dist.broadcast_object(check_finished(output, identity)[0] if main else None):
+        if main:
+            print(up_to_date)
+        return len(names)
+    error: BaseException | None = None
+    try:
+        mine = shard_names(names, chunk_size, rank, world)
+        if mine:
+            predict(PredictionsSaverCallback(shard_path(output, rank, world), mine, threshold, chunk_size,
+                                             postprocess_workers, header=rank == 0, tag=tag, settings=settings, raw=True))
+    except BaseException as exc:  # every rank must reach the all-reduce below, error or not
+        error = exc
+    dist.raise_if_any_failed(error, "prediction")
+    try:
+        if main:
+            shards = [shard_path(output, r, world) for r in range(world) if shard_names(names, chunk_size, r, world)]
+            assemble_shards(output, shards, names, identity)
+    except BaseException as exc:
+        error = exc
+    dist.raise_if_any_failed(error, f"assembling {output}")
     return len(names)

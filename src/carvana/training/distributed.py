@@ -8,6 +8,7 @@ code asks this module who it is instead of reading the environment itself.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -21,20 +22,36 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device: str = "auto") -> str:
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo and NCCL, made explicit
+_timeout_s = DEFAULT_TIMEOUT_S  # the process group's, for messages
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed at a stage all ranks must pass; this rank stops too."""
+
+
+def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """Join the process group if launched by torchrun; returns the device to use
-    ("cuda:<local_rank>" on GPUs, else "cpu" or the given device)."""
+    ("cuda:<local_rank>" on GPUs, else "cpu" or the given device).
+
+    ``timeout_s``: how long a collective (barrier, all-reduce) waits for a peer that never
+    arrives before raising, so a hung or killed rank cannot block the others forever. It
+    must cover the longest legitimate wait (rank 0 downloading the data, or finishing its
+    prediction shard while the others wait).
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not launched_by_torchrun() or td.is_initialized():
         return device
+    global _timeout_s
+    _timeout_s = timeout_s
     if device.startswith("cuda"):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-        td.init_process_group("nccl", device_id=torch.device(device))
+        td.init_process_group("nccl", device_id=torch.device(device), timeout=timedelta(seconds=timeout_s))
     else:
-        td.init_process_group("gloo")
+        td.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return device
 
 
@@ -149,3 +166,28 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def raise_if_any_failed(error: BaseException | None, stage: str) -> None:
+    """All ranks report whether ``stage`` went well (one all-reduce), then all stop if one failed.
+
+    A rank with an ``error`` re-raises it; the others raise :class:`PeerFailure` naming the
+    failed rank(s). Every rank must call this at the same point, error or not.
+    """
+    failed: list[int] = []
+    if is_distributed():
+        flags = [0.0] * world_size()
+        flags[rank()] = 1.0 if error is not None else 0.0
+        try:
+            failed = [r for r, flag in enumerate(all_reduce_sums(*flags)) if flag]
+        except RuntimeError as exc:  # DistBackendError included: a peer hung past the timeout, or died
+            if error is not None:
+                raise error from None
+            raise PeerFailure(f"{stage}: no answer from the other ranks within the process-group timeout "
+                              f"({_timeout_s:g} s, --dist-timeout) or a rank died ({str(exc).splitlines()[0][:200]}); "
+                              f"rank {rank()} stops. Complete chunks are kept: rerun the same command to resume") from exc
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailure(f"{stage} failed on rank {', '.join(map(str, failed))} (see its error); rank {rank()} "
+                          "stops too. Complete chunks are kept: rerun the same command to resume")
