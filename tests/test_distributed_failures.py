@@ -108,8 +108,11 @@ def wait_all(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str
     ("assemble", 0, "submit.csv.gz failed on rank 0"),
 ])
 def test_an_exception_on_one_rank_stops_both_within_60_s(tmp_path, images, mode, failing, message):
-    # Fails on the old code: it had no agreement step, so the healthy rank waited in a
-    # barrier for the failed one until the 30-minute default timeout (here: killed at 60 s).
+    # Fails on the old code (checked): it had no agreement step; the healthy rank only stopped
+    # because gloo noticed the failed process's closed socket, with a raw "Connection closed by
+    # peer" error instead of a message naming the failed rank and saying that a rerun resumes.
+    # A peer that fails without exiting (hangs) is the next test: there the old code waited
+    # for torch's 30-minute default timeout.
     (rc0, log0), (rc1, log1) = wait_all(launch(tmp_path, mode, images), limit=240)  # start-up is slow on a busy CPU
     ended = time.time()
     logs = [log0, log1]
