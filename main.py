@@ -22,14 +22,14 @@ INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1
 WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
 # --- training --------------------------------------------------------------------------
 TRAIN = True  # --no-train predicts from --checkpoint (or the run's best.pt)
-EPOCHS = 24
+EPOCHS = 24  # passes over the training set; the cosine LR schedule spans them all
 BATCH_SIZE = 4  # per process (under torchrun the global batch is this x world size)
 LR = 2e-3  # peak learning rate
 OPTIMIZER = "adamw"  # adamw | adam | sgd
-WEIGHT_DECAY = 1e-4
+WEIGHT_DECAY = 1e-4  # L2 penalty (decoupled for adamw)
 SCHEDULER = "cosine"  # cosine | plateau | none
 BCE_WEIGHT = 1.0  # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice per image)
-DICE_WEIGHT = 1.0
+DICE_WEIGHT = 1.0  # weight of the soft-Dice term (see BCE_WEIGHT)
 GRAD_CLIP = 0.0  # max gradient norm; 0 = off
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
@@ -45,10 +45,10 @@ CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's b
 # --- prediction / submission ---------------------------------------------------------
 THRESHOLD = 0.5  # probability above which a pixel is car
 TTA = True  # average with the horizontally flipped prediction
-PREDICT_BATCH_SIZE = 8
+PREDICT_BATCH_SIZE = 8  # images per forward pass when predicting the test set
 CHUNK_SIZE = 256  # images per gzip member of submit.csv.gz (the resume granularity)
 POSTPROCESS_WORKERS = 2  # threads that upsample, threshold and RLE-encode predictions
-OUTPUT = "output/submit.csv.gz"
+OUTPUT = "output/submit.csv.gz"  # the submission file (gzip CSV: img,rle_mask)
 SUBMIT = False  # upload to Kaggle after validation passes
 MESSAGE = "UNet1024 via carvana pipeline"  # Kaggle submission message
 
@@ -64,6 +64,6 @@ if __name__ == "__main__":
     defaults = settings_from(globals())
     hp = parse_settings(defaults, help_text=comments_of(Path(__file__).read_text()), description=__doc__.splitlines()[0])
     try:
-        sys.exit(run_pipeline(hp))
+        sys.exit(run_pipeline(hp, defaults))
     except USER_ERRORS as exc:  # a clear message, no traceback; completed work is kept
         sys.exit(f"error: {exc}")

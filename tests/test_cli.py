@@ -43,3 +43,22 @@ def test_help_shows_the_comments(capsys):
     with pytest.raises(SystemExit):
         parse_settings(defaults(), ["--help"], help_text=comments_of(SOURCE))
     assert "learning rate" in capsys.readouterr().out
+
+
+def test_every_setting_in_main_py_has_a_comment():
+    """Each setting's trailing comment is its --help text: none may be missing."""
+    import runpy
+    from pathlib import Path
+
+    main = Path(__file__).resolve().parents[1] / "main.py"
+    settings = settings_from(runpy.run_path(str(main), run_name="not_main"))
+    comments = comments_of(main.read_text())
+    assert len(settings) > 30
+    assert [name for name in settings if not comments.get(name)] == []
+
+
+def test_changed_settings_are_those_that_differ_from_the_defaults():
+    from carvana.cli import changed_settings
+
+    hp = parse_settings(defaults(), ["--epochs", "3", "--lr", "1e-3"])
+    assert changed_settings(hp, defaults()) == {"epochs": 3}  # --lr given, but equal to the default

@@ -32,6 +32,7 @@ from carvana.data.kaggle_client import (
     KaggleRulesNotAcceptedError,
 )
 from carvana.data.layout import COMPETITION, car_id
+from test_kaggle_client import assert_no_secret_anywhere
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "carvana-sample"
 TRAIN_CARS = ["0cdf5b5d0ce1", "1a17a1bd648b", "2faf504842df"]
@@ -173,6 +174,40 @@ def test_truncated_download_is_redone(tmp_path, capsys):
     assert [force for _, n, force in api.calls if n == "train.zip"] == [False, True]
     assert len(layout_files(folder)["train"]) == 6
     assert "train.zip: not a valid zip" in capsys.readouterr().out
+
+
+def corrupt_member(data: bytes, how: str) -> bytes:
+    """A zip whose central directory is intact but whose first member's data is damaged."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = zf.infolist()[0]
+    raw = bytearray(data)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # after the local header
+    if how == "deflate":
+        raw[start] = 0xFF  # block type 3: invalid deflate data -> zlib.error
+    else:
+        raw[start + info.compress_size - 1] ^= 0x01  # last byte of stored data -> CRC mismatch (BadZipFile)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("how", ["deflate", "crc"])
+def test_corrupt_member_data_is_downloaded_again(tmp_path, capsys, how):
+    good = competition_zips()
+    if how == "crc":  # stored, so a flipped byte decompresses fine and only the CRC check catches it
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for name in zipfile.ZipFile(io.BytesIO(good["train.zip"])).namelist():
+                zf.writestr(name, b"jpg" * 50)
+        good["train.zip"] = buf.getvalue()
+    else:
+        good["train.zip"] = zip_bytes({f"train/{c}_{a}.jpg": b"jpg" * 500 for c in TRAIN_CARS for a in ANGLES})
+    bad = corrupt_member(good["train.zip"], how)
+    (tmp_path / "bad.zip").write_bytes(bad)
+    assert fetcher_mod.zip_problem(tmp_path / "bad.zip") is None  # the directory alone looks whole
+    api = FakeApi({**good, "train.zip": [bad, good["train.zip"]]})
+    folder = DatasetFetcher(root=tmp_path / "data", api=api).fetch()
+    assert [force for _, n, force in api.calls if n == "train.zip"] == [False, True]
+    assert len(layout_files(folder)["train"]) == 6 and not (folder / ".tmp-train.zip").exists()
+    assert "train.zip: corrupt data" in capsys.readouterr().out
 
 
 def test_partial_zip_left_by_earlier_run_is_not_trusted(tmp_path):
@@ -330,7 +365,7 @@ def test_keys_never_printed_or_raised(tmp_path, monkeypatch, capsys, no_creds):
         monkeypatch.setattr(kaggle_client, "make_api", lambda api=api: api)
         with pytest.raises(kaggle_client.KaggleError) as info:
             DatasetFetcher(root=tmp_path).fetch()  # credentials found -> lazily made api
-        assert SECRET not in str(info.value)
+        assert_no_secret_anywhere(info.value, SECRET)
     out, err = capsys.readouterr()
     assert "KAGGLE_USERNAME/KAGGLE_KEY environment variables" in out  # where, not what
     assert SECRET not in out and SECRET not in err

@@ -182,3 +182,62 @@ def test_submit(tmp_path, home):
         kc.submit(sub, "m", api=FakeSubmitApi(message="Could not submit to competition"))
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         kc.submit(tmp_path / "missing.csv", "m", api=FakeSubmitApi())
+
+
+def assert_no_secret_anywhere(exc: BaseException, secret: str) -> None:
+    """Neither the message, nor any __cause__/__context__, nor the printed traceback holds the secret."""
+    import traceback
+
+    seen, todo = [], [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or any(err is s for s in seen):
+            continue
+        seen.append(err)
+        assert secret not in str(err) and secret not in repr(err.args), f"{type(err).__name__}: {err}"
+        todo += [err.__cause__, err.__context__]
+    assert secret not in "".join(traceback.format_exception(exc))
+
+
+class LeakyKaggleApi:
+    """A kaggle API whose every call fails with an error quoting the key (as a bad URL would)."""
+
+    def __init__(self, secret):
+        self.secret = secret
+
+    def _fail(self):
+        try:
+            raise ValueError(f"bad request https://www.kaggle.com/api/v1?key={self.secret} key {self.secret}")
+        except ValueError as inner:
+            raise requests.exceptions.ConnectionError(f"connection to kaggle with key {self.secret} failed") from inner
+
+    def authenticate(self):
+        self._fail()
+
+    def competition_submit(self, *args):
+        self._fail()
+
+
+def test_no_exception_leaving_the_client_carries_the_key(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    monkeypatch.setattr(kc, "_load_kaggle_api_class", lambda: lambda: LeakyKaggleApi(SECRET))
+    with pytest.raises(kc.KaggleNetworkError) as info:
+        kc.make_api()
+    assert_no_secret_anywhere(info.value, SECRET)
+    assert "ConnectionError" in "".join(__import__("traceback").format_exception(info.value))  # still says what
+
+    sub = tmp_path / "submit.csv.gz"
+    sub.write_bytes(b"data")
+    with pytest.raises(kc.KaggleError) as info:
+        kc.submit(sub, "m", api=LeakyKaggleApi(SECRET))
+    assert_no_secret_anywhere(info.value, SECRET)
+
+
+def test_a_malformed_kaggle_json_error_does_not_carry_its_content(home):
+    (home / ".kaggle" / "kaggle.json").write_text('{"username": "alice", "key": "' + SECRET + '" oops')
+    with pytest.raises(kc.KaggleCredentialsError) as info:
+        kc.find_credentials()
+    assert "kaggle.json" in str(info.value)
+    assert_no_secret_anywhere(info.value, SECRET)
+    assert info.value.__context__ is None

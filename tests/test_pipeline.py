@@ -3,12 +3,14 @@
 import csv
 import gzip
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from carvana.training.checkpoint import load_checkpoint
 from carvana.data.demo_data import write_demo_dataset
@@ -68,8 +70,12 @@ def test_resume_continues_at_the_next_epoch(trained):
     result = run_main(cwd, "--data-dir", str(data), "--epochs", "3", "--resume", "--run-name", "r1", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming run r1" in result.stdout and "epoch 3/3" in result.stdout and "epoch 1/3" not in result.stdout
+    assert "--epochs changed from 2 to 3" in result.stdout
     rows = list(csv.DictReader(open(cwd / "logs" / "r1" / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    # The third epoch's LR is that of a 3-epoch cosine (2e-3 down to 2e-5), not the 2-epoch one's floor.
+    lr0 = float(rows[0]["lr"])
+    assert float(rows[2]["lr"]) == pytest.approx(0.01 * lr0 + 0.99 * lr0 * (1 + math.cos(math.pi * 2 / 3)) / 2, rel=1e-3)
     assert load_checkpoint(cwd / "output" / "models" / "r1" / "last.pt")["epoch"] == 2
 
 
@@ -107,3 +113,68 @@ def test_bad_input_gives_one_clear_line_not_a_traceback(tmp_path):
     data = write_demo_dataset(tmp_path / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
     result = run_main(tmp_path, "--data-dir", str(data), "--no-train", "--checkpoint", "missing.pt", *TINY)
     assert result.returncode == 1 and "missing.pt: checkpoint not found" in result.stderr
+
+
+# Settings of TINY that are not part of the model: with them alone, a --no-train run must
+# take the model (width 0.125, input 64x64) from the checkpoint, not main.py's defaults.
+NOT_MODEL = [a for a in TINY if a not in ("--input-size", "64x64", "--width", "0.125")]
+
+
+def test_no_train_rebuilds_the_checkpoints_model_and_keeps_the_runs_hparams(trained):
+    cwd, data, _ = trained
+    logs = cwd / "logs" / "r1"
+    before = (logs / "hparams.json").read_text()
+    result = run_main(cwd, "--data-dir", str(data), "--no-train", "--run-name", "r1", "--output", "output/rebuilt.csv.gz",
+                      *NOT_MODEL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unet1024 width 0.125, 1 class(es), input 64x64" in result.stdout
+    first = gzip.decompress((cwd / "output" / "submit.csv.gz").read_bytes())
+    assert gzip.decompress((cwd / "output" / "rebuilt.csv.gz").read_bytes()) == first
+    assert (logs / "hparams.json").read_text() == before  # the training run's settings survive
+    assert json.loads((logs / "predict_hparams.json").read_text())["train"] is False
+    assert json.loads((logs / "summary.json").read_text())["epochs_trained"] == 2
+
+
+def test_a_format_1_checkpoint_still_predicts(trained, tmp_path):
+    cwd, data, _ = trained
+    state = load_checkpoint(cwd / "output" / "models" / "r1" / "best.pt")
+    del state["model_config"]
+    state["format_version"] = 1  # what the first release wrote: the model only in hparams
+    old = tmp_path / "format1.pt"
+    torch.save(state, old)
+    result = run_main(cwd, "--data-dir", str(data), "--no-train", "--checkpoint", str(old), "--run-name", "r1-old",
+                      "--output", "output/format1.csv.gz", *NOT_MODEL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = gzip.decompress((cwd / "output" / "submit.csv.gz").read_bytes())
+    assert gzip.decompress((cwd / "output" / "format1.csv.gz").read_bytes()) == first
+
+
+def test_a_flag_contradicting_the_checkpoint_is_a_clear_error(trained):
+    cwd, data, _ = trained
+    best = cwd / "output" / "models" / "r1" / "best.pt"
+    result = run_main(cwd, "--data-dir", str(data), "--no-train", "--checkpoint", str(best), "--width", "0.5",
+                      "--run-name", "r1-bad", *NOT_MODEL)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--width 0.5 contradicts the checkpoint {best}" in result.stderr and "--width 0.125" in result.stderr
+
+
+def test_resume_errors_name_the_problem(trained):
+    cwd, data, _ = trained
+    result = run_main(cwd, "--data-dir", str(data), "--resume", "--run-name", "r9", *TINY)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "run 'r9' has no output/models/r9/last.pt" in result.stderr and "r1" in result.stderr
+    assert not (cwd / "output" / "models" / "r9").exists()  # no silent fresh start
+    # Resuming with another width: the weights do not fit, said in one line (no key dump).
+    wide = [a if a != "0.125" else "0.25" for a in TINY]
+    result = run_main(cwd, "--data-dir", str(data), "--resume", "--run-name", "r1", "--epochs", "3", *wide)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Missing key" not in result.stderr
+    assert "holds unet1024 width 0.125" in result.stderr and "width 0.25" in result.stderr
+
+
+def test_a_log_off_a_terminal_gets_lines_not_progress_bars(trained):
+    """stdout/stderr were pipes: no bar refreshes (carriage returns), one line per epoch."""
+    _, _, result = trained
+    log = result.stdout + result.stderr
+    assert "\r" not in log and "it/s" not in log
+    assert [line.split("  ")[0] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert len(log.encode()) < 10_000, log

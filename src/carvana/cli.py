@@ -63,3 +63,9 @@ def comments_of(source: str) -> dict[str, str]:
         if sep and "=" in head and name.isupper():
             out[name] = comment.strip()
     return out
+
+
+def changed_settings(hp: SimpleNamespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The settings whose value differs from ``defaults`` (i.e. given on the command line), lower_case."""
+    return {name.lower(): getattr(hp, name.lower()) for name, default in defaults.items()
+            if hasattr(hp, name.lower()) and getattr(hp, name.lower()) != default}

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from carvana.training import distributed as dist
-from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint
+from carvana.cli import changed_settings
+from carvana.training.checkpoint import (CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint,
+                                         load_model)
 from carvana.training.classifier import CarvanaClassifier
 from carvana.data.datasets import ImageReadError, TrainImageDataset, seed_worker, train_augmentation
+from carvana.data.sampling import EpochSampler
 from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
 from carvana.data.kaggle_client import KaggleError
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
@@ -59,13 +62,13 @@ def resolve_run(hp: SimpleNamespace) -> str:
 
 
 def make_train_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
-    """Shuffled batches (sharded by rank under torchrun), with augmentation seeded per worker."""
-    sampler = DistributedSampler(dataset, shuffle=True, seed=hp.seed) if dist.is_distributed() else None
-    per_rank = len(sampler) if sampler is not None else len(dataset)
+    """Shuffled batches (sharded by rank under torchrun) whose order and augmentation depend
+    only on (seed, epoch, rank): a resumed run sees what an uninterrupted one would."""
+    sampler = EpochSampler(dataset, seed=hp.seed, rank=dist.rank(), world=dist.world_size())
+    per_rank = len(sampler)
     return DataLoader(
         dataset,
         batch_size=hp.batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=hp.workers,
         pin_memory=pin,
@@ -76,8 +79,12 @@ def make_train_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:
     )
 
 
-def run_pipeline(hp: SimpleNamespace) -> int:
-    """Run every stage; returns the process exit code."""
+def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) -> int:
+    """Run every stage; returns the process exit code.
+
+    ``defaults`` are main.py's settings: a value that differs from them was given on the
+    command line, and with --no-train it must agree with the checkpoint's model.
+    """
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -94,7 +101,8 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     models_dir, log_dir = MODELS_DIR / run, LOGS_DIR / run
     if main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
-        write_json(log_dir / "hparams.json", vars(hp))
+        # A --no-train run (often under the training run's name) keeps that run's hparams.json.
+        write_json(log_dir / ("hparams.json" if hp.train else "predict_hparams.json"), vars(hp))
 
     # 1. data: rank 0 downloads / writes the demo data, the others wait and reuse it.
     fetcher = DatasetFetcher(root=Path(hp.data_root), hq=hp.hq, seed=hp.seed)
@@ -114,25 +122,45 @@ def run_pipeline(hp: SimpleNamespace) -> int:
               f"{len(valid_images)} valid images (split by car), {len(test_images)} test images")
     stage_done("data")
 
-    # 2. model and classifier
-    model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
+    # 2. model and classifier. Training builds the model the settings describe; a --no-train
+    # run rebuilds the one its checkpoint describes (format 2 stores it), whatever main.py says.
+    weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
+    if hp.train:
+        model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
+        model, loaded = build_model(model_config), False
+    else:
+        if not weights.exists() and not hp.checkpoint:  # a missing --checkpoint: load_model names it
+            raise SystemExit(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
+                             "or the --run-name of a trained run")
+        model, model_config, _ = load_model(weights)
+        check_settings_match(model_config, changed_settings(hp, defaults or {}), weights)
+        input_hw, loaded = model_config.input_size, True
+        if main_process:
+            print(f"model: {model_config.describe()} from {weights}")
     classifier = CarvanaClassifier(
-        build_model(model_config), model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
+        model, model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
         scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
         grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
         sync_batchnorm=hp.sync_batchnorm,
     )
     pin = classifier.device.type == "cuda"
     last_path = models_dir / "last.pt"
-    if hp.resume and last_path.exists():
-        classifier.load_state_dict(load_checkpoint(last_path, classifier.device))
+    if hp.resume and hp.train:
+        if not last_path.exists():  # a typo in --run-name must not silently start a fresh run
+            raise CheckpointError(f"--resume: run {run!r} has no {last_path}; check --run-name (runs with a "
+                                  f"last.pt: {', '.join(sorted(p.parent.name for p in MODELS_DIR.glob('*/last.pt'))) or 'none'})")
+        classifier.load_state_dict(load_checkpoint(last_path, classifier.device), path=str(last_path))
         if main_process:
             print(f"resuming run {run} from {last_path} after epoch {classifier.epoch + 1}")
+            if classifier.resumed_from_epochs is not None:
+                print(f"--epochs changed from {classifier.resumed_from_epochs} to {hp.epochs}: the cosine LR schedule "
+                      f"continues as if the run had been started with {hp.epochs} epochs")
 
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
-        augment = train_augmentation(hp.seed + dist.rank()) if hp.augment else None
-        train_loader = make_train_loader(TrainImageDataset(train_images, train_masks, input_hw, augment), hp, pin)
+        augment = train_augmentation(hp.seed) if hp.augment else None
+        train_set = TrainImageDataset(train_images, train_masks, input_hw, augment, seed=hp.seed + dist.rank())
+        train_loader = make_train_loader(train_set, hp, pin)
         valid_loader = make_valid_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
                                          hp, pin) if valid_images else None
         callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
@@ -142,12 +170,8 @@ def run_pipeline(hp: SimpleNamespace) -> int:
     stage_done("train")
 
     # 4. predict with the best weights, streaming rows into the submission
-    weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
-    if weights.exists() or hp.checkpoint:  # a --checkpoint that is missing is an error, not a fallback
-        classifier.load_state_dict(load_checkpoint(weights, classifier.device), weights_only=True)
-    elif not hp.train:
-        raise SystemExit(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
-                         "or the --run-name of a trained run")
+    if not loaded and (weights.exists() or hp.checkpoint):  # a --checkpoint that is missing is an error
+        classifier.load_state_dict(load_checkpoint(weights, classifier.device), weights_only=True, path=str(weights))
     names = [p.name for p in test_images]
     output = Path(hp.output)
     rows = predict_to_submission(
@@ -177,7 +201,7 @@ def run_pipeline(hp: SimpleNamespace) -> int:
             upload_submission(output, names, hp.message)  # validates again and refuses an invalid file
         stage_done("validate")
         summary["seconds_per_stage"] = times
-        write_json(log_dir / "summary.json", summary)
+        write_json(log_dir / ("summary.json" if hp.train else "predict_summary.json"), summary)
         print_summary(summary, output, complete and report.ok)
     dist.shutdown()
     return 0 if not summary or summary["valid_submission"] else 1

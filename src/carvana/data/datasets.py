@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from carvana.data.sampling import sample_seed
+
 # ImageNet statistics: a standard, harmless choice for normalising RGB inputs.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -195,6 +197,7 @@ class TrainImageDataset(Dataset):
         input_hw: tuple[int, int],
         transform: A.Compose | None = None,
         full_masks: bool = False,
+        seed: int = 0,
     ) -> None:
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} masks")
@@ -202,11 +205,16 @@ class TrainImageDataset(Dataset):
         self.input_hw = tuple(input_hw)
         self.transform = transform
         self.full_masks = full_masks
+        self.seed = seed  # with an (epoch, index) key: augmentation seeded from (seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item ``key``; an ``(epoch, index)`` key (from EpochSampler) also fixes the augmentation."""
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        if epoch is not None and self.transform is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
         image_path, mask_path = self.images[i], self.masks[i]
         if not Path(mask_path).is_file():
             raise ImageReadError(f"{image_path}: its mask {mask_path} is missing")

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ class DatasetFetcher:
                 try:
                     self._unpack(folder, archive, zip_path, tmp, marker)
                     return
-                except (zipfile.BadZipFile, EOFError) as exc:  # CRC error / truncated data in a member
+                except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # CRC error / bad deflate data in a member
                     remove_path(tmp)
                     problem = f"corrupt data ({exc})"
             if attempt == 0:
@@ -181,27 +182,29 @@ class DatasetFetcher:
 
     def _download(self, name: str, zip_path: Path, force: bool) -> str | None:
         """Ask Kaggle for one file; return a problem description if the result is not a whole zip."""
+        failure: kaggle_client.KaggleError | None = None
         try:
             self.api.competition_download_file(self.competition, name, path=str(zip_path.parent),
                                                force=force, quiet=False)
-        except ValueError as exc:
-            if "does not match expected size" in str(exc):  # kaggle's own Content-Length check
-                return f"size mismatch ({exc})"
-            raise kaggle_client.explain_kaggle_error(exc, f"downloading {name}", self.competition,
-                                                     path=zip_path) from exc
         except Exception as exc:
-            raise kaggle_client.explain_kaggle_error(exc, f"downloading {name}", self.competition,
-                                                     path=zip_path) from exc
+            if isinstance(exc, ValueError) and "does not match expected size" in str(exc):
+                return f"size mismatch ({kaggle_client.redact(str(exc))})"  # kaggle's Content-Length check
+            failure = kaggle_client.clean_kaggle_error(exc, f"downloading {name}", self.competition, path=zip_path)
+        if failure is not None:  # raised outside the except block: no unredacted exception in its chain
+            raise failure
         return zip_problem(zip_path)
 
     def _unpack(self, folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path) -> None:
+        failure: kaggle_client.KaggleError | None = None
         try:
             unpack_archive(folder, archive, zip_path, tmp, marker)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise kaggle_client.explain_kaggle_error(
-                    exc, f"unpacking {archive.name}", self.competition, path=exc.filename or tmp) from exc
-            raise
+            if exc.errno != errno.ENOSPC:
+                raise
+            failure = kaggle_client.clean_kaggle_error(exc, f"unpacking {archive.name}", self.competition,
+                                                       path=exc.filename or tmp)
+        if failure is not None:
+            raise failure
 
     # ------------------------------------------------------------------ listing files
 

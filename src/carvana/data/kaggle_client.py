@@ -29,6 +29,7 @@ from carvana.data.kaggle_credentials import (  # noqa: F401  (re-exported)
     KaggleError,
     find_credentials,
     redact,
+    redacted_chain,
 )
 from carvana.data.layout import COMPETITION
 
@@ -100,17 +101,20 @@ def make_api() -> Any:
         raise KaggleCredentialsError(f"No Kaggle credentials found. {HOW_TO_CONFIGURE}")
     api = _load_kaggle_api_class()()
     captured = io.StringIO()
+    failure: KaggleError | None = None
     try:
         # Captured because authenticate() prints its own help and then calls exit(1).
         with contextlib.redirect_stdout(captured):
             api.authenticate()
     except SystemExit:
-        raise KaggleCredentialsError(
+        failure = KaggleCredentialsError(
             f"Kaggle did not accept the credentials from {source} (invalid or expired token?). "
             f"{HOW_TO_CONFIGURE}"
-        ) from None
+        )
     except Exception as exc:
-        raise explain_kaggle_error(exc, "authenticating with Kaggle") from exc
+        failure = clean_kaggle_error(exc, "authenticating with Kaggle")
+    if failure is not None:  # raised here, not in the except block: see clean_kaggle_error
+        raise failure
     if captured.getvalue().strip():  # e.g. the "key readable by other users" warning is worth keeping
         print(redact(captured.getvalue().rstrip()))
     return api
@@ -165,7 +169,8 @@ def explain_kaggle_error(
     """Map an exception raised while doing ``action`` to a KaggleError whose message says what to do.
 
     ``path`` names the file being written, for disk-full errors (defaults to ``exc.filename``).
-    The result is meant to be raised ``from exc``.
+    The result's message is redacted, but ``exc`` may still hold a key: raise
+    :func:`clean_kaggle_error`'s result instead, outside the except block.
     """
     if isinstance(exc, KaggleError):
         return exc
@@ -212,6 +217,25 @@ def explain_kaggle_error(
     return KaggleError(f"Kaggle error while {action}: {detail}")
 
 
+def clean_kaggle_error(
+    exc: BaseException, action: str, competition: str = COMPETITION, *, path: str | Path | None = None
+) -> KaggleError:
+    """:func:`explain_kaggle_error` with a redacted copy of ``exc``'s chain as its cause.
+
+    Raise the result *after* the except block that caught ``exc`` (an exception raised inside
+    one gets the handled exception as ``__context__``, key and all):
+
+        failure = None
+        try: ...
+        except Exception as exc: failure = clean_kaggle_error(exc, "doing X")
+        if failure is not None: raise failure
+    """
+    error = explain_kaggle_error(exc, action, competition, path=path)
+    if error is not exc:  # our own errors are built from redacted text already
+        error.__cause__ = redacted_chain(exc)
+    return error
+
+
 # --------------------------------------------------------------------------- submit
 
 
@@ -222,10 +246,13 @@ def submit(path: str | Path, message: str, competition: str = COMPETITION, api: 
         raise FileNotFoundError(f"{path}: submission file not found")
     api = api if api is not None else make_api()
     action = f"submitting {path} to {competition}"
+    failure: KaggleError | None = None
     try:
         response = api.competition_submit(str(path), message, competition)
     except Exception as exc:
-        raise explain_kaggle_error(exc, action, competition, path=path) from exc
+        failure = clean_kaggle_error(exc, action, competition, path=path)
+    if failure is not None:  # outside the except block: nothing unredacted in the chain
+        raise failure
     # kaggle reports a failed upload through the response message instead of raising.
     reply = str(getattr(response, "message", "") or "")
     if reply.startswith("Could not submit"):

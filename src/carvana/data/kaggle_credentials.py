@@ -75,13 +75,17 @@ def _read_kaggle_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise KaggleCredentialsError(
-            f"{path}: cannot read Kaggle credentials ({type(exc).__name__}); it must be the JSON "
-            f'file {{"username": ..., "key": ...}} downloaded from {TOKEN_URL}'
-        ) from None  # `from None`: the parse error may quote the file's content (the key)
-    if not isinstance(data, dict):
-        raise KaggleCredentialsError(f"{path}: expected a JSON object with 'username' and 'key'")
-    return data
+        problem = type(exc).__name__
+    else:
+        if not isinstance(data, dict):
+            raise KaggleCredentialsError(f"{path}: expected a JSON object with 'username' and 'key'")
+        return data
+    # Raised outside the except block: the parse error (its message or its .doc) may hold the
+    # file's content, i.e. the key, and must not end up as this error's __context__.
+    raise KaggleCredentialsError(
+        f"{path}: cannot read Kaggle credentials ({problem}); it must be the JSON "
+        f'file {{"username": ..., "key": ...}} downloaded from {TOKEN_URL}'
+    )
 
 
 def find_credentials() -> str | None:
@@ -146,3 +150,26 @@ def redact(text: str) -> str:
         text = text.replace(secret, "***")
     text = re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?<redacted>", text)
     return re.sub(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", r"\1 ***", text)
+
+
+
+class RedactedError(Exception):
+    """Stands in for a foreign exception in a chain: its type and redacted message, nothing else."""
+
+
+def redacted_chain(exc: BaseException) -> RedactedError:
+    """A copy of ``exc`` and its causes/contexts as RedactedErrors, messages passed through redact().
+
+    Attach it as the ``__cause__`` of an error raised *outside* the except block, so the
+    original exceptions (whose messages, URLs or attributes may hold a key) are not
+    reachable from what leaves our code, while the traceback still says what happened.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    copies = [RedactedError(redact(f"{type(err).__module__}.{type(err).__qualname__}: {err}")) for err in chain]
+    for copy, cause in zip(copies, copies[1:]):
+        copy.__cause__ = cause
+    return copies[0]

@@ -97,6 +97,25 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
     return model.to(map_location), config, state
 
 
+def check_settings_match(config: ModelConfig, given: dict[str, Any], path: Path | str) -> None:
+    """Raise CheckpointError when a setting in ``given`` (e.g. ``{"width": 0.5}`` from the command
+    line) contradicts the model a checkpoint describes, naming both values."""
+    from carvana.models.unet1024 import parse_input_size
+
+    for name, value in given.items():
+        if name == "width":
+            ok, theirs = float(value) == config.width, f"{config.width:g}"
+        elif name == "input_size":
+            ok, theirs = tuple(parse_input_size(str(value))) == tuple(config.input_size), "x".join(map(str, config.input_size))
+        else:  # not part of the model
+            continue
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{flag} {value} contradicts the checkpoint {path}, which holds a "
+                                  f"{config.describe()} model ({flag} {theirs}); drop {flag} to predict with "
+                                  "the checkpoint's own model")
+
+
 class ModelSaverCallback(Callback):
     """Saves ``last.pt`` after every epoch and ``best.pt`` when the monitored metric improves.
 

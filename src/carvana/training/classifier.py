@@ -22,7 +22,8 @@ from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.data.datasets import normalize_images, tensor_to_image
 from carvana.training.losses import BCEDiceLoss, competition_dice
 from carvana.training import distributed as dist
-from carvana.training.optim import make_optimizer, make_scheduler
+from carvana.training.checkpoint import load_model_weights
+from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
 
 
 class CarvanaClassifier:
@@ -85,10 +86,17 @@ class CarvanaClassifier:
         self.preview_count = preview_count
         self.progress = progress and dist.is_main_process()
         self.epoch = -1  # last completed epoch
+        self.resumed_from_epochs: int | None = None  # set by load_state_dict when --epochs changed
         self.best_metric = -math.inf
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def _bar_off(self) -> bool | None:
+        # None lets tqdm decide: bars on a terminal, none when stderr is a file or pipe (CI,
+        # nohup), where every refresh would be a new line; the epoch line says enough there.
+        return None if self.progress else True
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -114,14 +122,21 @@ class CarvanaClassifier:
             "model_config": self.model_config.to_dict() if self.model_config is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
-        """Restore a state_dict(); ``weights_only`` restores just the model (for prediction)."""
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False, path: str = "checkpoint") -> None:
+        """Restore a state_dict(); ``weights_only`` restores just the model (for prediction).
+
+        Weights of another architecture or width raise CheckpointError naming ``path`` and
+        both models. A cosine schedule written by a run with another epoch count continues
+        as if this run had been started with ``self.epochs`` (``self.resumed_from_epochs``
+        then holds the old count).
+        """
+        load_model_weights(self.model, state, path, self.model_config)
         if weights_only:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+            self.resumed_from_epochs = continue_schedule(self.scheduler, self.epochs)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
@@ -167,16 +182,21 @@ class CarvanaClassifier:
     def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> float:
         self.net.train()
         total, count = torch.zeros((), device=self.device), 0
-        bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=self._bar_off, dynamic_ncols=True)
         for step, batch in enumerate(bar):
             images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
                 logits = self.net(images)
             loss = self.loss_fn(logits, masks)
-            if not torch.isfinite(loss):
+            # Agreed over all ranks before backward: a rank that stopped alone would leave the
+            # others waiting forever in DDP's gradient all-reduce.
+            bad_ranks = dist.ranks_where(~torch.isfinite(loss.detach()))
+            if bad_ranks:
+                where = "" if not dist.is_distributed() else f" on rank(s) {', '.join(map(str, bad_ranks))}"
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped, the last good "
-                    "checkpoint is left intact. Lower the learning rate, turn AMP off or enable --grad-clip."
+                    f"loss is not finite{where} at epoch {epoch + 1}, step {step + 1}: training stopped on every "
+                    "rank, the last good checkpoint is left intact. Lower the learning rate, turn AMP off or "
+                    "enable --grad-clip."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -206,7 +226,7 @@ class CarvanaClassifier:
         self.eval_net.eval()
         loss_sum, dice_sum, count = 0.0, 0.0, 0
         preview: Preview | None = None
-        bar = tqdm(loader, desc="valid", leave=False, disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(loader, desc="valid", leave=False, disable=self._bar_off, dynamic_ncols=True)
         for batch in bar:
             images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
@@ -242,7 +262,7 @@ class CarvanaClassifier:
         self.eval_net.eval()
         cbs.on_predict_start(self)
         try:
-            for batch in tqdm(loader, desc="predict", disable=not self.progress, dynamic_ncols=True):
+            for batch in tqdm(loader, desc="predict", disable=self._bar_off, dynamic_ncols=True):
                 images = self._images_to_device(batch["image"])
                 with self._autocast():
                     probs = torch.sigmoid(self.eval_net(images).float())

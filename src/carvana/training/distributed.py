@@ -159,6 +159,20 @@ def all_reduce_mean(total: torch.Tensor, count: int) -> float:
     return total_sum / max(count_sum, 1.0)
 
 
+def ranks_where(flag: torch.Tensor) -> list[int]:
+    """The ranks whose boolean ``flag`` is true (every rank gets the same list).
+
+    A collective: every rank must call it at the same point. In one process: [0] or [].
+    """
+    if not is_distributed():
+        return [0] if bool(flag) else []
+    backend_device = "cuda" if td.get_backend() == "nccl" else "cpu"
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=backend_device)
+    flags[rank()] = int(bool(flag))
+    td.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the run name, so all ranks agree on folders)."""
     if not is_distributed():

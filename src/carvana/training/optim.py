@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -31,3 +32,26 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
     if name == "none":
         return None
     raise ValueError(f"unknown scheduler {name!r}: choose cosine, plateau or none")
+
+
+def continue_schedule(scheduler: Any, epochs: int) -> int | None:
+    """Stretch or shrink a resumed cosine schedule to ``epochs``; returns the old length if it changed.
+
+    A checkpoint's CosineAnnealingLR state carries the T_max of the run that wrote it, so
+    resuming with a different --epochs would keep the old length: the LR would reach its
+    floor and climb back. Here T_max becomes the new epoch count and the current LR is set
+    to the closed-form value at the resumed step, so the rest of the run follows the
+    schedule of a run started with ``epochs`` (to float rounding). Other schedules do not
+    depend on the epoch count and are left alone.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return None
+    old, new = int(scheduler.T_max), max(1, int(epochs))
+    if old == new:
+        return None
+    scheduler.T_max = new
+    step = scheduler.last_epoch
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (1 + math.cos(math.pi * step / new)) / 2
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return old
