@@ -123,16 +123,17 @@ NOT_MODEL = [a for a in TINY if a not in ("--input-size", "64x64", "--width", "0
 def test_no_train_rebuilds_the_checkpoints_model_and_keeps_the_runs_hparams(trained):
     cwd, data, _ = trained
     logs = cwd / "logs" / "r1"
-    before = (logs / "hparams.json").read_text()
+    before = (logs / "hparams.json").read_text(), (logs / "summary.json").read_text()
     result = run_main(cwd, "--data-dir", str(data), "--no-train", "--run-name", "r1", "--output", "output/rebuilt.csv.gz",
                       *NOT_MODEL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unet1024 width 0.125, 1 class(es), input 64x64" in result.stdout
     first = gzip.decompress((cwd / "output" / "submit.csv.gz").read_bytes())
     assert gzip.decompress((cwd / "output" / "rebuilt.csv.gz").read_bytes()) == first
-    assert (logs / "hparams.json").read_text() == before  # the training run's settings survive
+    # The training run's settings and summary survive; the prediction has its own files.
+    assert ((logs / "hparams.json").read_text(), (logs / "summary.json").read_text()) == before
     assert json.loads((logs / "predict_hparams.json").read_text())["train"] is False
-    assert json.loads((logs / "summary.json").read_text())["epochs_trained"] == 2
+    assert json.loads((logs / "predict_summary.json").read_text())["rows"] == 16
 
 
 def test_a_format_1_checkpoint_still_predicts(trained, tmp_path):
