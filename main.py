@@ -34,8 +34,8 @@ GRAD_CLIP = 0.0  # max gradient norm; 0 = off
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1
-AMP = True  # mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU
-CHANNELS_LAST = True  # channels_last memory format on CUDA; ignored on CPU
+AMP = True  # mixed precision: bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16 (AMX/AVX512-BF16); off = fp32
+CHANNELS_LAST = True  # channels_last memory format on CUDA; ignored on CPU (measured slower there)
 COMPILE = False  # torch.compile the model (CUDA only)
 SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
 DIST_TIMEOUT = 1800.0  # seconds a torchrun process waits at a collective for a hung peer before failing

@@ -143,6 +143,10 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
         sync_batchnorm=hp.sync_batchnorm,
     )
+    if main_process:  # the classifier decided the precision (training/precision.py): say it, add it to the record
+        print(classifier.precision.describe())
+        write_json(log_dir / ("hparams.json" if hp.train else "predict_hparams.json"),
+                   {**vars(hp), "precision": classifier.precision.name})
     pin = classifier.device.type == "cuda"
     last_path = models_dir / "last.pt"
     if hp.resume and hp.train:

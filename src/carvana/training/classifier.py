@@ -1,8 +1,9 @@
 """CarvanaClassifier: the train / validate / predict loops around a segmentation model.
 
-Device handling is in one place here: on CUDA it turns on mixed precision (bf16 where
-the GPU has it, else fp16 with a GradScaler), channels_last, non-blocking copies and
-optionally torch.compile; on the CPU all of that is off and the same code runs.
+Device handling is in one place here: mixed precision where it pays (bf16 or fp16 on
+CUDA, bf16 on CPUs with native bf16; chosen in training/precision.py), and on CUDA
+channels_last, non-blocking copies and optionally torch.compile. Loss, metric and
+thresholded masks are always computed in fp32 from the logits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from carvana.training.losses import BCEDiceLoss, competition_dice
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
+from carvana.training.precision import choose_precision, use_channels_last
 
 
 class CarvanaClassifier:
@@ -56,10 +58,10 @@ class CarvanaClassifier:
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
-        self.amp_dtype = None
-        if amp and cuda:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.channels_last = channels_last and cuda
+        # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
+        self.precision = choose_precision(self.device, amp)
+        self.amp_dtype = self.precision.dtype
+        self.channels_last = use_channels_last(self.device, channels_last)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         if sync_batchnorm:
@@ -187,7 +189,7 @@ class CarvanaClassifier:
             images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
                 logits = self.net(images)
-            loss = self.loss_fn(logits, masks)
+            loss = self.loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
             # Agreed over all ranks before backward: a rank that stopped alone would leave the
             # others waiting forever in DDP's gradient all-reduce.
             bad_ranks = dist.ranks_where(~torch.isfinite(loss.detach()))
@@ -231,8 +233,9 @@ class CarvanaClassifier:
             images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
             with self._autocast():
                 logits = self.eval_net(images)
+            logits = logits.float()
             loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
-            probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+            probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
             dice = competition_dice(probs, batch["full_mask"].numpy(), self.threshold)
             dice_sum += float(dice.sum())
             count += images.shape[0]

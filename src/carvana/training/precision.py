@@ -1,0 +1,79 @@
+"""Which floating-point precision and memory format the classifier runs in, decided once.
+
+* CUDA: bf16 autocast where the GPU has it, else fp16 (with a GradScaler); channels_last.
+* CPU: bf16 autocast where the CPU computes bf16 natively (Intel AMX-BF16 or AVX512-BF16,
+  which oneDNN uses for convolutions); fp32 elsewhere, because emulated bf16 is slower than
+  fp32. The decision is a capability check, not a timed probe: a probe on a shared machine
+  could pick differently from one run to the next, and the precision changes the numbers.
+  channels_last stays off on the CPU: measured slower for training there (bench/cpu_amp.py).
+
+``--no-amp`` (``amp=False``) forces fp32 everywhere. Autocast only changes the dtype of
+activations: parameters, gradients, optimiser state and therefore checkpoints stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype (None = plain fp32), its short name and why it was chosen."""
+
+    dtype: torch.dtype | None
+    name: str  # "bf16" | "fp16" | "fp32": recorded in hparams.json as `precision`
+    reason: str
+
+    def describe(self) -> str:
+        """One console line, e.g. 'precision: bf16 autocast (CPU has native bf16: amx_bf16)'."""
+        what = "fp32" if self.dtype is None else f"{self.name} autocast"
+        return f"precision: {what} ({self.reason})"
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The native-bf16 CPU features present, e.g. ['amx_bf16', 'avx512_bf16']; [] if none.
+
+    Reads the kernel's flag list (Linux); elsewhere asks torch's own CPU detection (what
+    oneDNN dispatches on), where AMX tiles stand for AMX-BF16 (every AMX CPU has both).
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    if flags:
+        return [f for f in CPU_BF16_FLAGS if f in flags]
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    try:
+        return [flag for flag, fn in probes.items() if getattr(torch.cpu, fn)()]
+    except (AttributeError, RuntimeError):  # private helpers: absent in some torch builds
+        return []
+
+
+def choose_precision(device: torch.device, amp: bool) -> Precision:
+    """The precision the classifier runs in on ``device`` (see the module docstring)."""
+    if not amp:
+        return Precision(None, "fp32", "--no-amp")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "bf16", "CUDA device supports bf16")
+        return Precision(torch.float16, "fp16", "CUDA device without bf16: fp16 with a gradient scaler")
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        if flags:
+            return Precision(torch.bfloat16, "bf16", f"CPU has native bf16: {', '.join(flags)}")
+        return Precision(None, "fp32", "CPU without native bf16 (no amx_bf16 / avx512_bf16): emulated bf16 is slower")
+    return Precision(None, "fp32", f"no mixed precision on {device.type}")
+
+
+def use_channels_last(device: torch.device, requested: bool) -> bool:
+    """channels_last where it was measured faster: CUDA (with tensor cores), not the CPU."""
+    return requested and device.type == "cuda"
