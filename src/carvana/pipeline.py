@@ -27,6 +27,7 @@ from carvana.data.datasets import ImageReadError, TrainImageDataset, seed_worker
 from carvana.data.sampling import EpochSampler
 from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
 from carvana.data.kaggle_client import KaggleError
+from carvana.data.mask_table import MaskTableError, mask_table_for
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
 from carvana.models.registry import ModelConfig, build_model
 from carvana.models.unet1024 import parse_input_size
@@ -37,7 +38,8 @@ from carvana.submission.validate import SubmissionError, upload_submission, vali
 # Errors whose message already says what is wrong and what to do: main.py prints them
 # without a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
-               KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure)
+               KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure,
+               MaskTableError)
 
 MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
@@ -163,10 +165,14 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
         augment = train_augmentation(hp.seed) if hp.augment else None
-        train_set = TrainImageDataset(train_images, train_masks, input_hw, augment, seed=hp.seed + dist.rank())
+        rles = mask_table_for(fetcher.dataset_dir)  # masks decoded from train_masks.csv rows (GIF fallback)
+        if main_process:
+            print(f"masks: {f'RLE rows of {rles.path} ({len(rles)} rows; GIFs for images without one)' if rles else 'GIFs'}")
+        train_set = TrainImageDataset(train_images, train_masks, input_hw, augment, seed=hp.seed + dist.rank(),
+                                      mask_rles=rles)
         train_loader = make_train_loader(train_set, hp, pin)
-        valid_loader = make_valid_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True),
-                                         hp, pin) if valid_images else None
+        valid_loader = make_valid_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True,
+                                                           mask_rles=rles), hp, pin) if valid_images else None
         callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
                      ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
         classifier.train(train_loader, valid_loader, hp.epochs, callbacks)
