@@ -50,7 +50,14 @@ def test_run_writes_a_valid_submission_checkpoints_and_logs(trained):
     summary = json.loads((logs / "summary.json").read_text())
     assert summary["rows"] == 16 and summary["valid_submission"] is True and summary["epochs_trained"] == 2
     assert set(summary["seconds_per_stage"]) == {"data", "train", "predict", "validate"}
-    assert json.loads((logs / "hparams.json").read_text())["epochs"] == 2
+    hparams = json.loads((logs / "hparams.json").read_text())
+    assert hparams["epochs"] == 2
+    # The precision decided at start-up is said once and recorded; masks come from train_masks.csv.
+    from carvana.training.precision import choose_precision
+    import torch
+    expected = choose_precision(torch.device("cpu"), amp=True)
+    assert hparams["precision"] == expected.name and result.stdout.count(expected.describe()) == 1
+    assert f"masks: RLE rows of {data / 'train_masks.csv'}" in result.stdout
     assert (logs / "preview_epoch002.png").exists()
     assert not list((cwd / "output").glob("*.partial*"))  # no leftovers of the streaming writer
 
