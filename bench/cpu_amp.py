@@ -12,7 +12,9 @@ no-op callback) on synthetic uint8 batches like the loader's, for each variant:
 
 Variants are interleaved round by round (the order rotates each round) at every input
 size, and the figures are **medians of per-round ratios** against fp32 of the same round,
-because other processes share this machine. Targets on a native-bf16 CPU: training >= 1.8x,
+because other processes share this machine. On a heavily loaded machine, ``--threads 1
+--clock cpu`` times CPU seconds of one thread instead of wall time: the compute ratio,
+without the waits of a 2-thread OpenMP team whose threads are descheduled. Targets on a native-bf16 CPU: training >= 1.8x,
 inference >= 2x. Ends with ``CPU bf16/fp32: training <X>x, inference <Y>x`` (the
 medians at the first ``--sizes`` entry).
 
@@ -20,6 +22,7 @@ Usage (from the repository root)::
 
     python bench/cpu_amp.py [--sizes 128x192,256x384] [--width 0.25] [--batch-size 4]
                             [--train-steps 3] [--infer-batches 6] [--repeat 7] [--variants fp32,bf16,bf16-cl,fp32-cl]
+                            [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -81,16 +84,19 @@ def make_classifier(variant: str, width: float) -> CarvanaClassifier:
     return clf
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process)
+
+
 def train_rate(clf: CarvanaClassifier, batches: list[dict]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     clf._train_one_epoch(batches, 0, 1)
-    return sum(len(b["image"]) for b in batches) / (time.perf_counter() - t0)
+    return sum(len(b["image"]) for b in batches) / (CLOCK() - t0)
 
 
 def infer_rate(clf: CarvanaClassifier, batches: list[dict]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     clf.predict([{"image": b["image"], "name": ["x"] * len(b["image"])} for b in batches], [Callback()])
-    return sum(len(b["image"]) for b in batches) / (time.perf_counter() - t0)
+    return sum(len(b["image"]) for b in batches) / (CLOCK() - t0)
 
 
 def bench_size(args: argparse.Namespace, hw: tuple[int, int]) -> dict[str, dict[str, float]]:
@@ -129,15 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=3, help="training steps per timed block (default 3)")
     parser.add_argument("--infer-batches", type=int, default=6, help="inference batches per timed block (default 6)")
     parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: images/s; cpu: images per CPU-second of this process (with --threads 1 "
+                             "a compute ratio that other processes' load barely moves)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)} (fp32 always runs)")
     args = parser.parse_args(argv)
     args.variants = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     if unknown := set(args.variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     flags = cpu_bf16_flags()
     print(f"{cpu_model()}; {torch.get_num_threads()} torch threads; native bf16: {', '.join(flags) or 'no'}; "
           f"torch {torch.__version__}; UNet1024 width {args.width}, batch {args.batch_size}; "
-          f"{args.train_steps} train steps / {args.infer_batches} inference batches per block, {args.repeat} rounds")
+          f"{args.train_steps} train steps / {args.infer_batches} inference batches per block, {args.repeat} rounds; "
+          f"{'wall' if args.clock == 'wall' else 'CPU'} clock")
     summary: dict[str, Any] = {}
     for size in args.sizes.split(","):
         hw = parse_input_size(size)

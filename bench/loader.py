@@ -13,7 +13,10 @@ Two measurements of ``carvana.datasets.TrainImageDataset`` with ``train_augmenta
 * loader: a DataLoader with one worker (batch ``--batch-size``, the pipeline's
   ``seed_worker``) end to end, first batch (worker start) excluded.
 
-Rounds are repeated and medians taken. ``--baseline FILE`` loads another version of
+``--masks both`` (the default where the data has ``train_masks.csv``) times the current
+code twice, interleaved: masks from the GIFs ("gif") and from the CSV's RLE rows ("csv",
+what the pipeline does; the mask step is then ``mask_from_rle``); ``--masks gif|csv``
+times one. Rounds are repeated and medians taken. ``--baseline FILE`` loads another version of
 ``datasets.py`` (e.g. ``git show <rev>:src/carvana/datasets.py > /tmp/before.py``) and
 times it interleaved with the current one, round by round, so their ratio is robust to
 a busy machine. Images come from ``../shared/carvana-sample/train`` or, when absent, a
@@ -23,7 +26,7 @@ DataLoader figure).
 Usage (from the repository root)::
 
     python bench/loader.py [--input-size 1024x1024] [--images 24] [--repeat 5] [--batch-size 4]
-                           [--no-augment] [--baseline FILE]
+                           [--no-augment] [--baseline FILE] [--masks both|gif|csv]
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
     import carvana.data.datasets  # noqa: F401
+from carvana.data.mask_table import MASK_TABLE, mask_table_for
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 STEPS = ("decode", "mask", "resize", "augment", "to_tensor", "other")
@@ -84,7 +88,7 @@ def load_module(path: Path, name: str) -> ModuleType:
 class Timers:
     """Wraps a datasets module's helpers so each call adds its seconds to a step."""
 
-    WRAPPED = {"read_image": "decode", "read_mask": "mask", "image_to_tensor": "to_tensor"}
+    WRAPPED = {"read_image": "decode", "read_mask": "mask", "mask_from_rle": "mask", "image_to_tensor": "to_tensor"}
 
     def __init__(self, module: ModuleType) -> None:
         self.module = module
@@ -136,10 +140,18 @@ class _TimedTransform:
         return getattr(self.inner, attr)
 
 
+def make_dataset(module: ModuleType, images: list[Path], masks: list[Path], input_hw: tuple[int, int],
+                 augment: bool, seed: int, rles: dict | None) -> Any:
+    transform = module.train_augmentation(seed=seed) if augment else None
+    if rles is None:  # also works with a baseline datasets.py that predates mask_rles
+        return module.TrainImageDataset(images, masks, input_hw, transform)
+    return module.TrainImageDataset(images, masks, input_hw, transform, mask_rles=rles)
+
+
 def time_steps(module: ModuleType, images: list[Path], masks: list[Path], input_hw: tuple[int, int],
-               augment: bool, seed: int) -> dict[str, float]:
+               augment: bool, seed: int, rles: dict | None = None) -> dict[str, float]:
     """One round over all images: ms/image per step (mean over images) and 'total'."""
-    ds = module.TrainImageDataset(images, masks, input_hw, module.train_augmentation(seed=seed) if augment else None)
+    ds = make_dataset(module, images, masks, input_hw, augment, seed, rles)
     timers = Timers(module)
     timers.install(ds)
     try:
@@ -156,9 +168,9 @@ def time_steps(module: ModuleType, images: list[Path], masks: list[Path], input_
 
 
 def loader_rate(module: ModuleType, images: list[Path], masks: list[Path], input_hw: tuple[int, int],
-                augment: bool, batch_size: int, seed: int) -> float:
+                augment: bool, batch_size: int, seed: int, rles: dict | None = None) -> float:
     """Images/s of a 1-worker DataLoader over the pairs, after its first batch."""
-    ds = module.TrainImageDataset(images, masks, input_hw, module.train_augmentation(seed=seed) if augment else None)
+    ds = make_dataset(module, images, masks, input_hw, augment, seed, rles)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=1,
                         worker_init_fn=module.seed_worker, generator=torch.Generator().manual_seed(seed))
     it = iter(loader)
@@ -178,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-augment", action="store_true", help="time without train_augmentation")
     parser.add_argument("--baseline", type=Path, help="another datasets.py to time against, interleaved")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Carvana-layout folder")
+    parser.add_argument("--masks", choices=("both", "gif", "csv"), default=None,
+                        help="mask source of the current code: both (default without --baseline), gif, csv")
     args = parser.parse_args(argv)
     h, w = (int(v) for v in args.input_size.lower().split("x"))
     if args.repeat < 1 or args.images < 2 * args.batch_size:
@@ -186,23 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
-    versions = {"current": carvana.data.datasets}
+    current = carvana.data.datasets
+    versions: dict[str, tuple[ModuleType, dict | None]] = {}
     if args.baseline:
-        versions = {"baseline": load_module(args.baseline, "bench_datasets_baseline"), **versions}
+        versions["baseline"] = (load_module(args.baseline, "bench_datasets_baseline"), None)
     augment = not args.no_augment
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         images, masks = find_pairs(args.data, args.images, Path(tmp))
+        table = mask_table_for(masks[0].parent.parent)
+        mode = args.masks or ("csv" if args.baseline else "both")
+        if table is None and mode != "gif":
+            print(f"note: no {MASK_TABLE} next to the images: GIF masks only")
+            mode = "gif"
+        if mode == "both":
+            versions.update(gif=(current, None), csv=(current, table))
+        else:
+            versions["current"] = (current, table if mode == "csv" else None)
         print(f"{len(images)} pairs at {h}x{w}, augmentation {'on' if augment else 'off'}, "
-              f"{args.repeat} rounds; steps in one process (1 thread), loader = DataLoader with 1 worker")
-        for module in versions.values():  # warm-up: page cache, first-call costs
-            time_steps(module, images[:4], masks[:4], (h, w), augment, seed=0)
+              f"{args.repeat} rounds; steps in one process (1 thread), loader = DataLoader with 1 worker; "
+              f"current code's masks: {mode}")
+        for module, rles in versions.values():  # warm-up: page cache, first-call costs
+            time_steps(module, images[:4], masks[:4], (h, w), augment, seed=0, rles=rles)
         steps: dict[str, list[dict[str, float]]] = {v: [] for v in versions}
         rates: dict[str, list[float]] = {v: [] for v in versions}
         for rnd in range(args.repeat):
             order = list(versions) if rnd % 2 == 0 else list(versions)[::-1]
             for v in order:  # same seed per round: both versions draw the same augmentations
-                steps[v].append(time_steps(versions[v], images, masks, (h, w), augment, seed=rnd))
-                rates[v].append(loader_rate(versions[v], images, masks, (h, w), augment, args.batch_size, seed=rnd))
+                module, rles = versions[v]
+                steps[v].append(time_steps(module, images, masks, (h, w), augment, seed=rnd, rles=rles))
+                rates[v].append(loader_rate(module, images, masks, (h, w), augment, args.batch_size, seed=rnd, rles=rles))
 
     for v in versions:
         med = {s: statistics.median(r[s] for r in steps[v]) for s in (*STEPS, "total")}
@@ -212,12 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':>8} shares: " + ", ".join(f"{s} {100 * med[s] / med['total']:.0f}%" for s in STEPS))
         print(f"{v:>8} DataLoader, 1 worker: {statistics.median(rates[v]):.2f} img/s "
               f"(rounds: {', '.join(f'{r:.2f}' for r in rates[v])})")
-    if args.baseline:
-        ratios = [c / b for c, b in zip(rates["current"], rates["baseline"])]
-        step_ratios = [b["total"] / c["total"] for b, c in zip(steps["baseline"], steps["current"])]
-        print(f"current/baseline: DataLoader {statistics.median(ratios):.2f}x "
+    pairs_to_compare = [("current", "baseline")] if args.baseline else []
+    if mode == "both":
+        pairs_to_compare.append(("csv", "gif"))
+    for after, before in pairs_to_compare:
+        if after not in rates:
+            after = "csv"
+        ratios = [c / b for c, b in zip(rates[after], rates[before])]
+        step_ratios = [b["total"] / c["total"] for b, c in zip(steps[before], steps[after])]
+        print(f"{after}/{before}: DataLoader {statistics.median(ratios):.2f}x "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f}); steps total {statistics.median(step_ratios):.2f}x")
-    print(f"loader images/s per worker: {statistics.median(rates['current']):.1f}")
+    headline = "csv" if "csv" in rates else "current"
+    print(f"loader images/s per worker: {statistics.median(rates[headline]):.1f}")
     return 0
 
 

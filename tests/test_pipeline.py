@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from carvana.training.checkpoint import load_checkpoint
+from carvana.training.precision import choose_precision
 from carvana.data.demo_data import write_demo_dataset
 from carvana.submission.validate import expected_names, read_submission, validate_submission
 
@@ -53,8 +54,6 @@ def test_run_writes_a_valid_submission_checkpoints_and_logs(trained):
     hparams = json.loads((logs / "hparams.json").read_text())
     assert hparams["epochs"] == 2
     # The precision decided at start-up is said once and recorded; masks come from train_masks.csv.
-    from carvana.training.precision import choose_precision
-    import torch
     expected = choose_precision(torch.device("cpu"), amp=True)
     assert hparams["precision"] == expected.name and result.stdout.count(expected.describe()) == 1
     assert f"masks: RLE rows of {data / 'train_masks.csv'}" in result.stdout
