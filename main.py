@@ -35,7 +35,7 @@ AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1
 AMP = True  # mixed precision: bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16 (AMX/AVX512-BF16); off = fp32
-CHANNELS_LAST = True  # channels_last memory format on CUDA, and on the CPU with bf16 (measured faster; fp32 CPU: NCHW)
+CHANNELS_LAST = True  # channels_last memory format (CUDA and CPU: measured faster on both)
 COMPILE = False  # torch.compile the model (CUDA only)
 SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
 DIST_TIMEOUT = 1800.0  # seconds a torchrun process waits at a collective for a hung peer before failing

@@ -1,8 +1,8 @@
 """CarvanaClassifier: the train / validate / predict loops around a segmentation model.
 
 Device handling is in one place here: mixed precision and channels_last where they pay
-(bf16 or fp16 on CUDA, bf16 on CPUs with native bf16; chosen in training/precision.py),
-and on CUDA non-blocking copies and optionally torch.compile. Loss, metric and
+(bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, channels_last on both; chosen in
+training/precision.py), and on CUDA non-blocking copies and optionally torch.compile. Loss, metric and
 thresholded masks are always computed in fp32 from the logits.
 """
 
@@ -61,7 +61,7 @@ class CarvanaClassifier:
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
         self.precision = choose_precision(self.device, amp)
         self.amp_dtype = self.precision.dtype
-        self.channels_last = use_channels_last(self.device, channels_last, self.precision)
+        self.channels_last = use_channels_last(self.device, channels_last)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         if sync_batchnorm:
