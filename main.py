@@ -17,6 +17,10 @@ VALIDATION_SIZE = 0.2  # fraction of cars (not images) held out for validation
 SAMPLE_SIZE = 1.0  # fraction of train cars used (quick experiments: 0.1)
 TEST_SAMPLE_SIZE = 1.0  # fraction of test images predicted (< 1 gives a non-submittable file)
 SEED = 42  # split, initialisation, augmentation and demo data
+DATASET = "carvana"  # carvana | oxford-pet | carla | folder (folder without --data-dir: demo cars as 3-class trimaps)
+CLASSES = 1  # 1 = binary Carvana path (sigmoid, Kaggle RLE); N >= 2 = softmax, CE + Dice, palette PNG masks; other datasets default to their own N
+CLASS_NAMES = ""  # comma-separated class names (default: the dataset's own)
+TEST_DIR = ""  # images to predict for datasets without a test list (default: the validation images)
 # --- model ---------------------------------------------------------------------------
 INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024; CPU real data: 256x384)
 WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
@@ -30,6 +34,8 @@ WEIGHT_DECAY = 1e-4  # L2 penalty (decoupled for adamw)
 SCHEDULER = "cosine"  # cosine | plateau | none
 BCE_WEIGHT = 1.0  # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice per image)
 DICE_WEIGHT = 1.0  # weight of the soft-Dice term (see BCE_WEIGHT)
+CE_WEIGHT = 1.0  # multi-class loss = CE_WEIGHT * cross-entropy + DICE_WEIGHT * (1 - soft Dice over present classes)
+CLASS_WEIGHTS = ""  # comma-separated cross-entropy weight per class (multi-class); empty = equal
 GRAD_CLIP = 0.0  # max gradient norm; 0 = off
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes

@@ -87,6 +87,10 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     ``defaults`` are main.py's settings: a value that differs from them was given on the
     command line, and with --no-train it must agree with the checkpoint's model.
     """
+    if getattr(hp, "classes", 1) > 1 or getattr(hp, "dataset", "carvana") != "carvana":
+        from carvana.multiclass_pipeline import run_multiclass_pipeline  # imports this module: import late
+
+        return run_multiclass_pipeline(hp)
     times: dict[str, float] = {}
     clock = time.perf_counter()
 

@@ -55,6 +55,7 @@ class CarvanaClassifier:
         preview_count: int = 4,
         progress: bool = True,
         model_config: ModelConfig | None = None,
+        task: Any = None,
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
@@ -74,7 +75,11 @@ class CarvanaClassifier:
         self.eval_net: nn.Module = self.model
         if compile and cuda:
             self.net, self.eval_net = torch.compile(self.net), torch.compile(self.model)
-        self.loss_fn = BCEDiceLoss(bce_weight, dice_weight)
+        # A task object (training.multiclass.MultiClassTask) takes over targets, loss, activation
+        # and validation metrics for N >= 2 classes; None is the binary Carvana path below.
+        self.task = task
+        self.loss_fn = task.loss_fn if task is not None else BCEDiceLoss(bce_weight, dice_weight)
+        self.monitor = task.monitor if task is not None else "valid_dice"
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(scheduler, self.optimizer, epochs)
@@ -110,6 +115,8 @@ class CarvanaClassifier:
         return x.contiguous(memory_format=self.memory_format)
 
     def _masks_to_device(self, m: torch.Tensor) -> torch.Tensor:
+        if self.task is not None:
+            return self.task.target_to_device(m, self.device)
         return m.to(self.device, non_blocking=True).float()
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,12 +171,17 @@ class CarvanaClassifier:
                 train_loss = self._train_one_epoch(train_loader, epoch, epochs)
                 metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
                 preview = None
-                if valid_loader is not None:
+                if valid_loader is not None and self.task is not None:
+                    valid_metrics, preview = self.task.validate(self, valid_loader)
+                    metrics.update(valid_metrics)
+                elif valid_loader is not None:
                     valid_loss, valid_dice, preview = self.validate(valid_loader)
                     metrics.update(valid_loss=valid_loss, valid_dice=valid_dice)
                 self._step_scheduler(metrics)
                 self.epoch = epoch
-                monitored = metrics.get("valid_dice", -train_loss)
+                monitored = metrics.get(self.monitor, -train_loss)
+                if monitored != monitored:  # NaN (no class in the validation truth): fall back to the loss
+                    monitored = -metrics.get("valid_loss", train_loss)
                 metrics["is_best"] = float(monitored > self.best_metric)
                 self.best_metric = max(self.best_metric, monitored)
                 metrics["seconds"] = time.perf_counter() - start
@@ -217,7 +229,7 @@ class CarvanaClassifier:
 
     def _step_scheduler(self, metrics: dict[str, float]) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(metrics.get("valid_dice", -metrics["train_loss"]))
+            self.scheduler.step(metrics.get(self.monitor, -metrics["train_loss"]))
         elif self.scheduler is not None:
             self.scheduler.step()
 
@@ -267,12 +279,14 @@ class CarvanaClassifier:
         try:
             for batch in tqdm(loader, desc="predict", disable=self._bar_off, dynamic_ncols=True):
                 images = self._images_to_device(batch["image"])
+                activate = self.task.activate if self.task is not None else lambda z: torch.sigmoid(z.float())
                 with self._autocast():
-                    probs = torch.sigmoid(self.eval_net(images).float())
+                    probs = activate(self.eval_net(images))
                     if tta:
-                        flipped = torch.sigmoid(self.eval_net(images.flip(-1)).float()).flip(-1)
+                        flipped = activate(self.eval_net(images.flip(-1))).flip(-1)
                         probs = (probs + flipped) / 2
-                probs = probs[:, 0]
+                if self.task is None:
+                    probs = probs[:, 0]  # binary: (B, h, w); multi-class stays (B, C, h, w)
                 if "ok" in batch:
                     probs[~batch["ok"].to(self.device)] = 0.0
                 cbs.on_predict_batch_end(self, list(batch["name"]), probs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -46,6 +46,9 @@ class ConsoleLogger(Callback):
         parts = [f"epoch {epoch + 1}/{trainer.epochs}", f"train_loss {metrics['train_loss']:.4f}"]
         if "valid_dice" in metrics:
             parts += [f"valid_loss {metrics['valid_loss']:.4f}", f"valid_dice {metrics['valid_dice']:.5f}"]
+        if "valid_miou" in metrics:  # multi-class runs
+            parts += [f"valid_loss {metrics['valid_loss']:.4f}", f"valid_miou {metrics['valid_miou']:.4f}",
+                      f"valid_acc {metrics['valid_accuracy']:.4f}"]
         parts += [f"lr {metrics['lr']:.2e}", f"{metrics['seconds']:.0f}s", "*best*" if metrics.get("is_best") else ""]
         print("  ".join(p for p in parts if p), flush=True)
 
@@ -53,8 +56,9 @@ class ConsoleLogger(Callback):
 class CSVLogger(Callback):
     """Appends one row per epoch to ``<log_dir>/metrics.csv`` (header written once)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, columns: tuple[str, ...] = METRIC_COLUMNS) -> None:
         self.path = Path(log_dir) / "metrics.csv"
+        self.columns = columns
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
         if not dist.is_main_process():
@@ -62,18 +66,20 @@ class CSVLogger(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
-            writer.writerow({k: metrics.get(k, "") for k in METRIC_COLUMNS})
+            writer.writerow({k: metrics.get(k, "") for k in self.columns})
 
 
 class PreviewLogger(Callback):
     """Each epoch, the validation preview as ``<log_dir>/preview_epoch<NNN>.png`` and, when
     TensorBoard is installed, as scalars + an image in ``<log_dir>`` (``tensorboard --logdir logs``)."""
 
-    def __init__(self, log_dir: Path, threshold: float = 0.5, tensorboard: bool = True) -> None:
+    def __init__(self, log_dir: Path, threshold: float = 0.5, tensorboard: bool = True,
+                 grid_fn: Callable[[Preview], np.ndarray] | None = None) -> None:
         self.log_dir = Path(log_dir)
+        self.grid_fn = grid_fn  # Preview -> RGB grid; None = the binary overlay_grid
         self.threshold = threshold
         self.use_tensorboard = tensorboard
         self.writer = None
@@ -91,7 +97,8 @@ class PreviewLogger(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
         if not dist.is_main_process():
             return
-        grid = overlay_grid(preview, self.threshold) if preview is not None else None
+        make_grid = self.grid_fn or (lambda p: overlay_grid(p, self.threshold))
+        grid = make_grid(preview) if preview is not None else None
         if grid is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / f"preview_epoch{epoch + 1:03d}.png"
@@ -99,7 +106,7 @@ class PreviewLogger(Callback):
             cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
             os.replace(tmp, path)
         if self.writer is not None:
-            for key in ("train_loss", "valid_loss", "valid_dice", "lr"):
+            for key in ("train_loss", "valid_loss", "valid_dice", "valid_miou", "valid_accuracy", "lr"):
                 if key in metrics:
                     self.writer.add_scalar(key, metrics[key], epoch + 1)
             if grid is not None:
