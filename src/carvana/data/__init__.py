@@ -10,6 +10,9 @@
   demo_car      - procedurally drawn 3-D cars in a studio, one view at a time
   demo_data     - the demo dataset in the exact Carvana layout, made of those cars
   datasets      - TrainImageDataset / TestImageDataset (OpenCV + albumentations)
+  multiclass    - --dataset oxford-pet | carla | folder: layouts, class-id masks, split, SegmentationDataset
+  demo_trimap   - the demo cars as a 3-class trimap set (car / background / border) in the folder layout
+  palette       - the fixed class colour palette and a legend naming the classes
 
 Imports only the standard library, numpy, OpenCV, albumentations and torch: nothing above it.
 """

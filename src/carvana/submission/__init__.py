@@ -6,6 +6,7 @@
   predictions - PredictionsSaverCallback: streaming, resumable submit.csv.gz
   sharded     - prediction into one file, in one process or sharded under torchrun
   validate    - read, validate, score locally, upload (``python -m carvana.submission``)
+  masks       - multi-class prediction: one indexed-palette PNG per image, streamed and resumable
 
 Imports carvana.data, carvana.models and carvana.training only.
 """

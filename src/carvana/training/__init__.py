@@ -3,6 +3,7 @@
   callbacks         - the callback protocol (every hook a documented no-op)
   distributed       - torch.distributed glue (no-ops in a single process)
   losses            - BCE + Dice loss and the competition Dice metric
+  multiclass        - N >= 2 classes: CE + Dice loss, confusion-matrix IoU/accuracy, the task the classifier delegates to
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
   classifier        - CarvanaClassifier: the train / validate / predict loops
