@@ -23,7 +23,8 @@ from carvana.data.multiclass import SegmentationDataset, collate_segmentation, l
 from carvana.data.palette import label_grid
 from carvana.models.registry import ModelConfig, build_model
 from carvana.models.unet1024 import parse_input_size
-from carvana.pipeline import LOGS_DIR, MODELS_DIR, make_train_loader, resolve_run, seed_everything, weights_tag, write_json
+from carvana.pipeline import LOGS_DIR, MODELS_DIR, make_train_loader, resolve_run, seed_everything, write_json
+from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint, model_config_of
@@ -88,7 +89,7 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
         times[name] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    device = dist.init(hp.device)
+    device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()
     seed_everything(hp.seed)
     input_hw = parse_input_size(hp.input_size)
@@ -150,7 +151,7 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     masks_dir = Path(hp.output).parent / run / "masks"
     written = predict_to_masks(classifier, data.test_images, masks_dir, input_hw, data.class_names,
                                batch_size=hp.predict_batch_size, loader_workers=hp.workers, tta=hp.tta,
-                               tag=weights_tag(weights))
+                               tag=weights_digest(classifier.model.state_dict()))  # the weights' contents
     stage_done("predict")
 
     if main_process:
