@@ -125,7 +125,8 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
         augment = train_augmentation(hp.seed + dist.rank()) if hp.augment else None
-        train_set = SegmentationDataset(data.train_images, data.train_masks, input_hw, data.mask_kind, classes, augment)
+        train_set = SegmentationDataset(data.train_images, data.train_masks, input_hw, data.mask_kind, classes, augment,
+                                        seed=hp.seed + dist.rank())
         valid_loader = None
         if data.valid_images:
             valid_set = SegmentationDataset(data.valid_images, data.valid_masks, input_hw, data.mask_kind, classes,

@@ -33,6 +33,7 @@ from torch.utils.data.dataloader import default_collate
 
 from carvana.data.datasets import ImageReadError, image_to_tensor, jpeg_reduction, jpeg_size, read_image, resize
 from carvana.data.fetcher import DatasetLayoutError
+from carvana.data.sampling import sample_seed
 
 IGNORE_INDEX = 255
 DATASETS = ("carvana", "oxford-pet", "carla", "folder")
@@ -205,17 +206,20 @@ class SegmentationDataset(Dataset):
     uint8 class ids, "name"} and with ``full_masks`` the (h,w) mask at the image's own size."""
 
     def __init__(self, images: Sequence[Path], masks: Sequence[Path], input_hw: tuple[int, int], mask_kind: str,
-                 classes: int, transform: A.Compose | None = None, full_masks: bool = False) -> None:
+                 classes: int, transform: A.Compose | None = None, full_masks: bool = False, seed: int = 0) -> None:
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} masks")
         self.images, self.masks = list(images), list(masks)
         self.input_hw, self.mask_kind, self.classes = tuple(input_hw), mask_kind, classes
-        self.transform, self.full_masks = transform, full_masks
+        self.transform, self.full_masks, self.seed = transform, full_masks, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        if epoch is not None and self.transform is not None:  # EpochSampler: augmentation fixed by (seed, epoch, i)
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
         image_path, mask_path = Path(self.images[i]), Path(self.masks[i])
         full = read_class_mask(mask_path, self.mask_kind, self.classes)
         hw = jpeg_size(image_path)
