@@ -36,6 +36,9 @@ BCE_WEIGHT = 1.0  # loss = BCE_WEIGHT * BCE + DICE_WEIGHT * (1 - soft Dice per i
 DICE_WEIGHT = 1.0  # weight of the soft-Dice term (see BCE_WEIGHT)
 CE_WEIGHT = 1.0  # multi-class loss = CE_WEIGHT * cross-entropy + DICE_WEIGHT * (1 - soft Dice over present classes)
 CLASS_WEIGHTS = ""  # comma-separated cross-entropy weight per class (multi-class); empty = equal
+BOUNDARY_WEIGHT = 1.0  # BCE weight (up to) on a band around the true mask's edge; 1 = off (see README A/B)
+BOUNDARY_BAND = 2  # half-width of that band in network-input pixels
+BOUNDARY_DICE = False  # weight the band's pixels in the Dice term too
 GRAD_CLIP = 0.0  # max gradient norm; 0 = off
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -222,3 +223,50 @@ def test_competition_dice_validates_shapes() -> None:
         competition_dice(probs, np.zeros((2, 64, 96), dtype=bool))
     with pytest.raises(ValueError, match="2 probability maps but 1"):
         competition_dice(probs, np.zeros((1, ORIG_HEIGHT, ORIG_WIDTH), dtype=bool))
+
+
+# --- boundary weights -------------------------------------------------------------
+
+
+def test_boundary_weights_on_a_hand_made_mask():
+    from carvana.training.losses import boundary_weights
+
+    mask = torch.zeros(1, 1, 8, 10)
+    mask[0, 0, 2:6, 3:7] = 1  # a 4x4 square: rows 2-5, cols 3-6
+    w = boundary_weights(mask, band=1, weight=5.0)[0, 0]
+    # band=1: a pixel is weighted when its 3x3 neighbourhood holds both car and background:
+    # the square's outer ring of car pixels and the one-pixel ring of background around it.
+    expected = torch.ones(8, 10)
+    expected[1:7, 2:8] = 5.0  # the square grown by one pixel ...
+    expected[3:5, 4:6] = 1.0  # ... minus its interior (car pixels whose 3x3 is all car)
+    assert torch.equal(w, expected)
+    # Two-pixel band: a pixel two columns from the edge is weighted, three columns away is not.
+    w2 = boundary_weights(mask, band=2, weight=3.0)[0, 0]
+    assert w2[3, 1] == 3.0 and w2[3, 0] == 1.0
+    # An all-car or all-background image has no edge; the image border is not an edge.
+    assert torch.equal(boundary_weights(torch.ones(1, 1, 6, 6), 2, 9.0), torch.ones(1, 1, 6, 6))
+    assert torch.equal(boundary_weights(torch.zeros(1, 1, 6, 6), 2, 9.0), torch.ones(1, 1, 6, 6))
+
+
+def test_boundary_weighted_loss_equals_a_direct_weighted_mean():
+    from carvana.training.losses import boundary_weights
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 12, 16, generator=g)
+    target = torch.zeros(2, 1, 12, 16)
+    target[0, 0, 3:9, 4:12] = 1
+    target[1, 0, 5:, :7] = 1
+    w = boundary_weights(target, 2, 4.0)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    direct_bce = (bce * w).sum() / w.sum()
+    loss = BCEDiceLoss(bce_weight=1.0, dice_weight=0.0, boundary_weight=4.0, boundary_band=2)(logits, target)
+    assert torch.allclose(loss, direct_bce)
+    # weight 1 is exactly the plain loss
+    assert torch.equal(BCEDiceLoss(boundary_weight=1.0)(logits, target), BCEDiceLoss()(logits, target))
+    # Dice term weighted too: the edge pixels count 4x in the sums
+    p = torch.sigmoid(logits)
+    d = (2 * (w * p * target).sum((1, 2, 3)) + 1) / ((w * p).sum((1, 2, 3)) + (w * target).sum((1, 2, 3)) + 1)
+    loss_d = BCEDiceLoss(bce_weight=0.0, dice_weight=1.0, boundary_weight=4.0, boundary_band=2, boundary_dice=True)
+    assert torch.allclose(loss_d(logits, target), 1 - d.mean())
+    with pytest.raises(ValueError, match="boundary_weight must be >= 1"):
+        BCEDiceLoss(boundary_weight=0.5)

@@ -23,6 +23,7 @@ from carvana.cli import changed_settings
 from carvana.training.checkpoint import (CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint,
                                          load_model)
 from carvana.training.classifier import CarvanaClassifier
+from carvana.training.losses import BCEDiceLoss
 from carvana.data.datasets import ImageReadError, TrainImageDataset, seed_worker, train_augmentation
 from carvana.data.sampling import EpochSampler
 from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLayoutError, UnsafeArchiveError
@@ -148,6 +149,8 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
         grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
         sync_batchnorm=hp.sync_batchnorm,
+        loss_fn=BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
+                            boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice),
     )
     if main_process:  # the classifier decided the precision (training/precision.py): say it, add it to the record
         print(classifier.precision.describe())

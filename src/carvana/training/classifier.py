@@ -56,6 +56,7 @@ class CarvanaClassifier:
         progress: bool = True,
         model_config: ModelConfig | None = None,
         task: Any = None,
+        loss_fn: nn.Module | None = None,
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
@@ -78,7 +79,8 @@ class CarvanaClassifier:
         # A task object (training.multiclass.MultiClassTask) takes over targets, loss, activation
         # and validation metrics for N >= 2 classes; None is the binary Carvana path below.
         self.task = task
-        self.loss_fn = task.loss_fn if task is not None else BCEDiceLoss(bce_weight, dice_weight)
+        # A given loss_fn (e.g. boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight.
+        self.loss_fn = task.loss_fn if task is not None else loss_fn if loss_fn is not None else BCEDiceLoss(bce_weight, dice_weight)
         self.monitor = task.monitor if task is not None else "valid_dice"
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
