@@ -13,7 +13,9 @@ use e.g. --input-size 1024x1024 --width 1 --batch-size 4 --epochs 50 --workers 8
 DATA_DIR = ""  # a Carvana-layout folder to use as is; empty = Kaggle if credentials, else demo data
 DATA_ROOT = "data"  # where fetched / demo data is stored
 HQ = False  # use train_hq.zip / test_hq.zip instead of the normal-quality JPEGs
-VALIDATION_SIZE = 0.2  # fraction of cars (not images) held out for validation
+VALIDATION_SIZE = 0.2  # fraction of cars (not images) held out for validation (ignored with --folds)
+FOLDS = 0  # K >= 2: K car-grouped folds, each trained in output/models/<run>/fold<k>, scored out of fold; 0 = one split
+FOLD = "all"  # with --folds: 'all' trains every fold (prediction = their ensemble), N trains/predicts fold N only
 SAMPLE_SIZE = 1.0  # fraction of train cars used (quick experiments: 0.1)
 TEST_SAMPLE_SIZE = 1.0  # fraction of test images predicted (< 1 gives a non-submittable file)
 SEED = 42  # split, initialisation, augmentation and demo data
@@ -22,7 +24,8 @@ CLASSES = 1  # 1 = binary Carvana path (sigmoid, Kaggle RLE); N >= 2 = softmax, 
 CLASS_NAMES = ""  # comma-separated class names (default: the dataset's own)
 TEST_DIR = ""  # images to predict for datasets without a test list (default: the validation images)
 # --- model ---------------------------------------------------------------------------
-INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024; CPU real data: 256x384)
+INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024; CPU real data: 256x384; 1280x1920 = native, padded not resized)
+CROP = ""  # train on random HxW crops of the input-size image (native 1280x1920: of the full frame); "" = whole
 WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
 # --- training --------------------------------------------------------------------------
 TRAIN = True  # --no-train predicts from --checkpoint (or the run's best.pt)
@@ -52,8 +55,10 @@ RUN_NAME = ""  # run name for output/models/<run> and logs/<run>; empty = a time
 RESUME = False  # continue the run (--run-name, else the latest) from last.pt; prediction resumes too
 CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's best.pt)
 # --- prediction / submission ---------------------------------------------------------
-THRESHOLD = 0.5  # probability above which a pixel is car
+THRESHOLD = "0.5"  # probability above which a pixel is car; 'auto' = best of 0.30..0.70 on OOF Dice (needs --folds)
 TTA = True  # average with the horizontally flipped prediction
+ENSEMBLE = ""  # checkpoints or run folders (= their fold models), space/comma separated: predict with their average
+ENSEMBLE_WEIGHTS = ""  # one weight per ensemble member (normalised); "" = equal
 PREDICT_BATCH_SIZE = 8  # images per forward pass when predicting the test set
 CHUNK_SIZE = 256  # images per gzip member of submit.csv.gz (the resume granularity)
 POSTPROCESS_WORKERS = 2  # threads that upsample, threshold and RLE-encode predictions

@@ -33,6 +33,8 @@ from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, Preview
 from carvana.models.registry import ModelConfig, build_model
 from carvana.models.unet1024 import parse_input_size
 from carvana.submission.gzip_stream import SubmissionWriteError
+from carvana.kfold import run_folds
+from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
 from carvana.submission.validate import SubmissionError, upload_submission, validate_submission
 
@@ -57,10 +59,11 @@ def resolve_run(hp: SimpleNamespace) -> str:
     if hp.run_name:
         return hp.run_name
     if hp.resume and (hp.train or not hp.checkpoint):  # predicting from --checkpoint needs no training run
-        runs = sorted(MODELS_DIR.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        # A --folds run keeps its checkpoints one level down: <run>/fold<k>/last.pt.
+        runs = sorted([*MODELS_DIR.glob("*/last.pt"), *MODELS_DIR.glob("*/fold*/last.pt")], key=lambda p: p.stat().st_mtime)
         if not runs:
             raise SystemExit(f"--resume: no run with a last.pt under {MODELS_DIR}; start one without --resume")
-        return runs[-1].parent.name
+        return runs[-1].relative_to(MODELS_DIR).parts[0]
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
@@ -110,6 +113,8 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         log_dir.mkdir(parents=True, exist_ok=True)
         # A --no-train run (often under the training run's name) keeps that run's hparams.json.
         write_json(log_dir / ("hparams.json" if hp.train else "predict_hparams.json"), vars(hp))
+    auto_threshold, threshold = parse_threshold(str(hp.threshold), hp.folds)
+    hp.threshold = threshold  # training-time validation and previews use 0.5 until OOF picks one
 
     # 1. data: rank 0 downloads / writes the demo data, the others wait and reuse it.
     fetcher = DatasetFetcher(root=Path(hp.data_root), hq=hp.hq, seed=hp.seed)
@@ -122,12 +127,53 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         if not main_process:
             fetcher.use_folder(Path(where[0]))
             fetcher.source = where[1]
-    train_images, train_masks, valid_images, valid_masks = fetcher.get_train_files(hp.validation_size, hp.sample_size, hp.seed)
+    # With --folds the folds hold out every car once: no separate validation split.
+    validation_size = 0.0 if hp.folds else hp.validation_size
+    train_images, train_masks, valid_images, valid_masks = fetcher.get_train_files(validation_size, hp.sample_size, hp.seed)
     test_images = fetcher.get_test_files(hp.test_sample_size)
     if main_process:
         print(f"data: {fetcher.source} at {fetcher.dataset_dir}: {len(train_images)} train / "
               f"{len(valid_images)} valid images (split by car), {len(test_images)} test images")
     stage_done("data")
+
+    # 2-4 with --folds K (carvana.kfold) or --ensemble: several models, one averaged submission.
+    if hp.folds or hp.ensemble:
+        folds_summary = None
+        if hp.folds:
+            result = run_folds(hp, run, train_images + valid_images, train_masks + valid_masks, input_hw, MODELS_DIR,
+                               LOGS_DIR, lambda f, md, ld, *files: train_fold(hp, device, input_hw, md, ld, *files, run=run),
+                               threshold, auto_threshold)
+            threshold, folds_summary, paths = result.threshold, result.summary, result.members
+        else:
+            paths = member_paths(hp.ensemble)
+        stage_done("train")
+        predictor = EnsemblePredictor(load_members(paths, parse_weights(hp.ensemble_weights, len(paths)), device,
+                                                   hp.amp, hp.channels_last))
+        if main_process:
+            print(f"prediction: {predictor.describe()}")
+        names, output = [p.name for p in test_images], Path(hp.output)
+        rows = predict_to_submission(
+            predictor, test_images, output, input_hw, threshold=threshold, chunk_size=hp.chunk_size,
+            postprocess_workers=hp.postprocess_workers, batch_size=hp.predict_batch_size, loader_workers=hp.workers,
+            tta=hp.tta, tag=predictor.tag(),
+        )
+        stage_done("predict")
+        summary: dict[str, Any] = {}
+        if main_process:
+            report = validate_submission(output, names)
+            print(report)
+            summary = {"run": run, "data": fetcher.source, "train_images": len(train_images), "test_images": len(names),
+                       "ensemble": [str(p) for p in paths], "threshold": threshold,
+                       **({"mean_oof_dice": folds_summary["mean_oof_dice"]} if folds_summary else {}),
+                       "submission": str(output), "rows": rows, "valid_submission": report.ok, "seconds_per_stage": times}
+            if hp.submit:
+                if hp.test_sample_size < 1.0:
+                    raise SystemExit("not uploading: the submission covers only a sample of the test set (--test-sample-size)")
+                upload_submission(output, names, hp.message)
+            write_json(log_dir / ("summary.json" if hp.train else "predict_summary.json"), summary)
+            print_summary(summary, output, hp.test_sample_size >= 1.0 and report.ok)
+        dist.shutdown()
+        return 0 if not summary or summary["valid_submission"] else 1
 
     # 2. model and classifier. Training builds the model the settings describe; a --no-train
     # run rebuilds the one its checkpoint describes (format 2 stores it), whatever main.py says.
@@ -171,7 +217,7 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
 
     # 3. train
     if hp.train and classifier.epoch + 1 < hp.epochs:
-        augment = train_augmentation(hp.seed) if hp.augment else None
+        augment = train_augmentation(hp.seed, parse_crop(hp.crop, input_hw), hp.augment)
         rles = mask_table_for(fetcher.dataset_dir)  # masks decoded from train_masks.csv rows (GIF fallback)
         if main_process:
             print(f"masks: {f'RLE rows of {rles.path} ({len(rles)} rows; GIFs for images without one)' if rles else 'GIFs'}")
@@ -222,6 +268,59 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         print_summary(summary, output, complete and report.ok)
     dist.shutdown()
     return 0 if not summary or summary["valid_submission"] else 1
+
+
+def train_fold(hp: SimpleNamespace, device: str, input_hw: tuple[int, int], models_dir: Path, log_dir: Path,
+               train_images: list[Path], train_masks: list[Path], valid_images: list[Path], valid_masks: list[Path],
+               run: str) -> CarvanaClassifier:
+    """One fold of --folds K: build the model from the settings, resume its last.pt with --resume, train."""
+    model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
+    classifier = CarvanaClassifier(
+        build_model(model_config), model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+        weight_decay=hp.weight_decay, scheduler=hp.scheduler, threshold=hp.threshold, grad_clip=hp.grad_clip,
+        device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
+        loss_fn=BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
+                            boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice),
+    )
+    pin = classifier.device.type == "cuda"
+    last_path = models_dir / "last.pt"
+    if hp.resume and last_path.exists():
+        classifier.load_state_dict(load_checkpoint(last_path, classifier.device), path=str(last_path))
+        if dist.is_main_process():
+            print(f"resuming run {run} from {last_path} after epoch {classifier.epoch + 1}")
+    if classifier.epoch + 1 < hp.epochs:
+        augment = train_augmentation(hp.seed, parse_crop(hp.crop, input_hw), hp.augment)
+        train_set = TrainImageDataset(train_images, train_masks, input_hw, augment, seed=hp.seed + dist.rank())
+        valid_loader = make_valid_loader(TrainImageDataset(valid_images, valid_masks, input_hw, full_masks=True), hp, pin)
+        callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
+                     ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
+        classifier.train(make_train_loader(train_set, hp, pin), valid_loader, hp.epochs, callbacks)
+    return classifier
+
+
+def parse_threshold(text: str, folds: int) -> tuple[bool, float]:
+    """--threshold: a probability, or 'auto' (chosen on out-of-fold predictions, so --folds K)."""
+    if text.strip().lower() == "auto":
+        if not folds:
+            raise SystemExit("error: --threshold auto chooses on out-of-fold predictions: it needs --folds K (K >= 2)")
+        return True, 0.5
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"error: --threshold {text!r}: expected a probability in [0, 1] or 'auto'") from None
+    if not 0.0 <= value <= 1.0:
+        raise SystemExit(f"error: --threshold {value}: expected a probability in [0, 1] or 'auto'")
+    return False, value
+
+
+def parse_crop(text: str, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """--crop HxW (None when empty); it must fit in the input size."""
+    if not text:
+        return None
+    crop = parse_input_size(text)
+    if crop[0] > input_hw[0] or crop[1] > input_hw[1]:
+        raise SystemExit(f"error: --crop {text} is larger than --input-size {input_hw[0]}x{input_hw[1]}")
+    return crop
 
 
 def make_valid_loader(dataset, hp: SimpleNamespace, pin: bool) -> DataLoader:

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from carvana.data.mask_table import MASK_TABLE, mask_from_rle
 from carvana.data.sampling import sample_seed
+from carvana.data.layout import NATIVE_INPUT, ORIG_SHAPE, is_native
 
 # ImageNet statistics: a standard, harmless choice for normalising RGB inputs.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
@@ -143,6 +144,22 @@ def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (w, h), interpolation=interpolation)
 
 
+def fit_to_input(image: np.ndarray, hw: tuple[int, int], mask: bool = False) -> np.ndarray:
+    """An original-frame image or 0/1 mask at the network input size ``hw``.
+
+    At the native size (1280x1920) the 1918-wide frame is padded on the right by
+    reflection (cv2 BORDER_REFLECT_101, numpy's 'reflect'), never resized, so pixel (r, c)
+    stays pixel (r, c) and :func:`carvana.data.postprocess.crop_native` undoes it exactly.
+    Any other size is resized (:func:`resize` / :func:`resize_mask`).
+    """
+    if is_native(hw):
+        h, w = image.shape[:2]
+        if (h, w) != ORIG_SHAPE:
+            raise ValueError(f"native input {NATIVE_INPUT} expects {ORIG_SHAPE} frames, got {h}x{w}")
+        return cv2.copyMakeBorder(image, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_REFLECT_101)
+    return resize_mask(image, hw) if mask else resize(image, hw)
+
+
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     """For previews: a uint8 or normalised float (3, H, W) image -> uint8 (H, W, 3)."""
     x = x.detach().cpu()
@@ -152,15 +169,22 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def train_augmentation(seed: int | None = None) -> A.Compose:
+def train_augmentation(seed: int | None = None, crop: tuple[int, int] | None = None,
+                       augment: bool = True) -> A.Compose | None:
     """Joint image+mask augmentation at network resolution (cheaper than at 1918x1280).
 
     Small shifts/scales/rotations (cars sit centred on a turntable), horizontal flip
     (views are left/right symmetric in distribution), colour jitter (car paint varies).
-    Masks use nearest-neighbour so they stay 0/1.
+    Masks use nearest-neighbour so they stay 0/1. ``crop`` (H, W) first takes a random
+    crop of the network-resolution image and mask (at the native input size: of the full
+    frame), so the rest runs on the crop; ``augment=False`` keeps only the crop.
+    Returns None when there is nothing to do.
     """
+    steps = [A.RandomCrop(*crop)] if crop else []
+    if not augment:
+        return A.Compose(steps, seed=seed) if steps else None
     return A.Compose(
-        [
+        steps + [
             A.Affine(
                 scale=(0.9, 1.1),
                 translate_percent=(-0.0625, 0.0625),
@@ -241,8 +265,8 @@ class TrainImageDataset(Dataset):
         return self._item(image_path, image_hw, full_mask)
 
     def _item(self, image_path: Path, image_hw: tuple[int, int], full_mask: np.ndarray) -> dict:
-        image = resize(read_image(image_path, jpeg_reduction(image_hw, self.input_hw)), self.input_hw)
-        mask = resize_mask(full_mask, self.input_hw)
+        image = fit_to_input(read_image(image_path, jpeg_reduction(image_hw, self.input_hw)), self.input_hw)
+        mask = fit_to_input(full_mask, self.input_hw, mask=True)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -273,7 +297,7 @@ class TestImageDataset(Dataset):
         path = self.images[i]
         h, w = self.input_hw
         try:
-            image = resize(read_image(path, self.reduction), self.input_hw)
+            image = fit_to_input(read_image(path, self.reduction), self.input_hw)
             ok = True
         except ImageReadError as exc:
             warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)

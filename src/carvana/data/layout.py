@@ -19,6 +19,14 @@ ORIG_HEIGHT = 1280
 ORIG_WIDTH = 1918
 ORIG_SHAPE = (ORIG_HEIGHT, ORIG_WIDTH)  # (rows, cols) of every image and mask
 ANGLES_PER_CAR = 16
+# Native resolution: the original frame padded from 1918 to 1920 columns (a multiple of 64),
+# never resized. Predictions at this size are cropped back to ORIG_SHAPE, not resampled.
+NATIVE_INPUT = (1280, 1920)
+
+
+def is_native(hw: tuple[int, int]) -> bool:
+    """True for the native input size (pad the original frame instead of resizing it)."""
+    return tuple(hw) == NATIVE_INPUT
 SUBMISSION_HEADER = ("img", "rle_mask")
 
 

@@ -123,6 +123,8 @@ def assemble_shards(output: Path, shards: Sequence[Path], names: Sequence[str] |
 
 def prediction_settings(classifier: Any, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
     """The fingerprint components a classifier adds: everything besides names/chunks/threshold that changes a row."""
+    if hasattr(classifier, "prediction_settings"):  # an ensemble describes all of its members
+        return classifier.prediction_settings(input_hw, tta)
     config = getattr(classifier, "model_config", None)
     return {
         "tta": bool(tta), "input_size": list(input_hw),
@@ -170,8 +172,10 @@ def predict_to_submission(
             return
         if len(todo) < len(saver.names) and main:
             print(f"prediction: resuming, {len(saver.names) - len(todo)} rows already written")
-        loader = DataLoader(TestImageDataset(todo, input_hw), batch_size=batch_size,
-                            num_workers=loader_workers if todo else 0, pin_memory=classifier.device.type == "cuda")
+        # An ensemble brings its own dataset (each image at every member's input size).
+        dataset = classifier.test_dataset(todo) if hasattr(classifier, "test_dataset") else TestImageDataset(todo, input_hw)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers if todo else 0,
+                            pin_memory=classifier.device.type == "cuda")
         classifier.predict(loader, [saver], tta=tta)
 
     if world == 1:

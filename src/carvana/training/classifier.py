@@ -21,6 +21,7 @@ from tqdm import tqdm
 from carvana.models.registry import ModelConfig
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.data.datasets import normalize_images, tensor_to_image
+from carvana.data.postprocess import crop_native
 from carvana.training.losses import BCEDiceLoss, competition_dice
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
@@ -289,6 +290,7 @@ class CarvanaClassifier:
                         probs = (probs + flipped) / 2
                 if self.task is None:
                     probs = probs[:, 0]  # binary: (B, h, w); multi-class stays (B, C, h, w)
+                probs = crop_native(probs)  # native-resolution padding is cropped, never resampled
                 if "ok" in batch:
                     probs[~batch["ok"].to(self.device)] = 0.0
                 cbs.on_predict_batch_end(self, list(batch["name"]), probs)

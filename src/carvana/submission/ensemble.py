@@ -1,0 +1,214 @@
+"""Streaming ensembles: several models' probabilities averaged, then ONE post-processing.
+
+``EnsemblePredictor`` looks like a classifier to the prediction code: ``predict(loader,
+callbacks, tta)`` hands each batch's averaged (B, h, w) probabilities to the same
+``on_predict_batch_end`` callbacks (the streaming submission saver), so thresholding,
+upsampling and RLE encoding happen once per image however many members there are, and
+prediction shards under torchrun exactly as for one model.
+
+Members may differ in architecture, width and input size: each is rebuilt from its own
+checkpoint (``training.checkpoint.load_model``) and run by its own ``CarvanaClassifier``
+(same normalisation, autocast and TTA code as a single-model prediction). The loader
+gives every image once per distinct input size, decoded and resized exactly as the
+single-model loader does. Each member's probabilities (native padding cropped) are
+brought to one common resolution before averaging: the largest member output (by
+area), bilinear with half-pixel centres (``align_corners=False``); a member already at
+that size is not resampled. With one member the probabilities pass through unchanged,
+so its submission is byte-identical to that model's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from carvana.data.datasets import ImageReadError, fit_to_input, image_to_tensor, jpeg_reduction, read_image
+from carvana.data.layout import ORIG_SHAPE, is_native
+from carvana.models.registry import ModelConfig
+from carvana.training import distributed as dist
+from carvana.training.callbacks import Callback, CallbackList
+from carvana.submission.fingerprint import weights_digest
+from carvana.training.checkpoint import CheckpointError, load_model
+from carvana.training.classifier import CarvanaClassifier
+
+
+@dataclass
+class Member:
+    """One model of an ensemble."""
+
+    path: Path
+    classifier: CarvanaClassifier
+    config: ModelConfig
+    weight: float  # normalised: the members' weights sum to 1
+    digest: str
+
+
+def member_paths(spec: str) -> list[Path]:
+    """Checkpoints named by a space- or comma-separated list of paths.
+
+    A file is a checkpoint; a folder means its fold models (``fold*/best.pt``) or, for a
+    single run, its ``best.pt``.
+    """
+    paths: list[Path] = []
+    for item in (s for s in re.split(r"[,\s]+", spec.strip()) if s):
+        p = Path(item)
+        if p.is_file():
+            paths.append(p)
+        elif p.is_dir():
+            folds = sorted(p.glob("fold*/best.pt"), key=lambda q: int(re.sub(r"\D", "", q.parent.name) or 0))
+            found = folds or ([p / "best.pt"] if (p / "best.pt").is_file() else [])
+            if not found:
+                raise CheckpointError(f"{p}: folder has no fold*/best.pt nor best.pt to use as ensemble members")
+            paths.extend(found)
+        else:
+            raise CheckpointError(f"{p}: ensemble member not found (expected a checkpoint file or a run folder)")
+    if not paths:
+        raise CheckpointError("--ensemble: no members given")
+    return paths
+
+
+def parse_weights(text: str, n: int) -> list[float]:
+    """Per-member weights ('' = equal), normalised to sum 1."""
+    if not text.strip():
+        return [1.0 / n] * n
+    try:
+        w = [float(s) for s in re.split(r"[,\s]+", text.strip()) if s]
+    except ValueError:
+        raise ValueError(f"--ensemble-weights {text!r}: expected numbers separated by spaces or commas") from None
+    if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"--ensemble-weights {text!r}: need {n} non-negative weights (one per member) with a positive sum")
+    return [x / sum(w) for x in w]
+
+
+def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | torch.device = "cpu",
+                 amp: bool = True, channels_last: bool = True) -> list[Member]:
+    """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction."""
+    members = []
+    for path, weight in zip(paths, weights):
+        model, config, state = load_model(path, map_location="cpu")
+        if config.classes != 1:
+            raise CheckpointError(f"{path}: a {config.classes}-class model; ensembles average binary car masks")
+        clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
+                                progress=False, preview_count=0, model_config=config)
+        members.append(Member(Path(path), clf, config, float(weight), weights_digest(state["model"])))
+    return members
+
+
+def output_size(input_hw: tuple[int, int]) -> tuple[int, int]:
+    """The probability map size a model of this input size produces (native: cropped)."""
+    return ORIG_SHAPE if is_native(input_hw) else tuple(input_hw)
+
+
+def size_key(hw: Sequence[int]) -> str:
+    return f"image_{hw[0]}x{hw[1]}"
+
+
+class MultiSizeTestDataset(Dataset):
+    """Test images at each of ``sizes``, each exactly as ``TestImageDataset`` would give it.
+
+    Items: {"image_HxW": uint8 (3, H, W) per size, "name", "ok"}. A JPEG is decoded once per
+    distinct DCT reduction factor; an unreadable one gives zeros, ok=False and a warning.
+    """
+
+    def __init__(self, images: Sequence[Path], sizes: Sequence[tuple[int, int]], orig_hw: tuple[int, int] = ORIG_SHAPE) -> None:
+        self.images = list(images)
+        self.sizes = [tuple(s) for s in dict.fromkeys(tuple(s) for s in sizes)]
+        self.reductions = {s: jpeg_reduction(orig_hw, s) for s in self.sizes}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.images[i]
+        item: dict[str, Any] = {"name": Path(path).name, "ok": True}
+        try:
+            decoded = {r: read_image(path, r) for r in set(self.reductions.values())}
+            for s in self.sizes:
+                item[size_key(s)] = image_to_tensor(fit_to_input(decoded[self.reductions[s]], s))
+        except ImageReadError as exc:
+            warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)
+            item["ok"] = False
+            for s in self.sizes:
+                item[size_key(s)] = torch.zeros((3, *s), dtype=torch.uint8)
+        return item
+
+
+class _Collect(Callback):
+    def on_predict_batch_end(self, trainer: Any, names: list[str], probs: Any) -> None:
+        self.probs = probs
+
+
+class EnsemblePredictor:
+    """Averages its members' probabilities per batch and feeds them to the callbacks."""
+
+    def __init__(self, members: Sequence[Member], progress: bool = True) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+        self.device = self.members[0].classifier.device
+        self.sizes = [tuple(m.config.input_size) for m in self.members]
+        self.output_hw = max((output_size(s) for s in self.sizes), key=lambda hw: (hw[0] * hw[1], hw))
+        self.progress = progress and dist.is_main_process()
+
+    def tag(self) -> str:
+        """Identifies the ensemble for resuming a partial submission: every member's weights
+        content, model config and weight, in order."""
+        parts = [{"digest": m.digest, "config": m.config.to_dict(), "weight": repr(m.weight)} for m in self.members]
+        return "ensemble:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def prediction_settings(self, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
+        """The submission fingerprint's components: every member's weights content, config and
+        weight (in order), the common resolution, TTA and precision."""
+        return {
+            "tta": bool(tta), "ensemble_resolution": list(self.output_hw),
+            "members": [{"weights": m.digest, "model_config": m.config.to_dict(), "weight": repr(m.weight)}
+                        for m in self.members],
+            "precision": sorted({str(m.classifier.amp_dtype or "float32") for m in self.members}),
+        }
+
+    def describe(self) -> str:
+        return (f"ensemble of {len(self.members)}: " + ", ".join(f"{m.path} ({m.config.describe()}, w={m.weight:.3g})"
+                for m in self.members) + f"; averaged at {self.output_hw[0]}x{self.output_hw[1]}")
+
+    def test_dataset(self, images: Sequence[Path]) -> Dataset:
+        return MultiSizeTestDataset(images, self.sizes)
+
+    @torch.no_grad()
+    def average(self, batch: dict, tta: bool = False) -> torch.Tensor:
+        """The weighted mean (B, h, w) probabilities of one loader batch, on the device."""
+        acc = None
+        for m in self.members:
+            sub = {"image": batch[size_key(m.config.input_size)], "name": batch["name"], "ok": batch["ok"]}
+            collect = _Collect()
+            m.classifier.predict([sub], [collect], tta=tta)
+            p = collect.probs.float()
+            if len(self.members) == 1:
+                return p  # byte-identical to the model's own prediction
+            if tuple(p.shape[-2:]) != self.output_hw:
+                p = F.interpolate(p[:, None], size=self.output_hw, mode="bilinear", align_corners=False)[:, 0]
+            p = p.to(self.device) * m.weight
+            acc = p if acc is None else acc + p
+        return acc
+
+    def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
+        """Same contract as ``CarvanaClassifier.predict``: callbacks get averaged probabilities."""
+        cbs = CallbackList(callbacks)
+        cbs.on_predict_start(self)
+        try:
+            for batch in tqdm(loader, desc=f"predict x{len(self.members)}", disable=not self.progress, dynamic_ncols=True):
+                cbs.on_predict_batch_end(self, list(batch["name"]), self.average(batch, tta))
+        except BaseException as exc:
+            cbs.on_exception(self, exc)
+            raise
+        cbs.on_predict_end(self)

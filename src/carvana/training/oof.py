@@ -1,0 +1,110 @@
+"""Out-of-fold (OOF) scores: each fold's model scores its own validation cars.
+
+Probabilities are never stored: each image's map is upsampled once to 1918x1280 and
+scored right away at every threshold of a grid (plus the run's own threshold), so the
+table ``oof.csv`` holds one row per train image with its Dice at each threshold. The
+mean of a column is the OOF Dice at that threshold; ``--threshold auto`` takes the
+best column. Scores are the competition's: per image, at 1918x1280, both empty = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from carvana.data.datasets import TestImageDataset, read_mask
+from carvana.data.postprocess import upsample_probs
+from carvana.training.callbacks import Callback
+from carvana.training.losses import dice_per_image
+
+# --threshold auto picks the best of these on the OOF predictions.
+THRESHOLD_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(9))  # 0.30, 0.35, ..., 0.70
+WORST_COUNT = 12
+
+
+def dice_column(threshold: float) -> str:
+    """Column of oof.csv holding each image's Dice at ``threshold``."""
+    return f"dice@{threshold:.4g}"
+
+
+class OOFScorer(Callback):
+    """Predict callback: scores each image against its true mask at several thresholds."""
+
+    def __init__(self, masks: dict[str, Path], thresholds: Sequence[float]) -> None:
+        self.masks = masks
+        self.thresholds = sorted(set(float(t) for t in thresholds))
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_batch_end(self, trainer: Any, names: list[str], probs: Any) -> None:
+        probs = probs.detach().float().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+        for name, prob in zip(names, probs):
+            truth = read_mask(self.masks[name]).astype(bool)
+            up = upsample_probs(prob)  # once per image; each threshold is then one compare
+            row: dict[str, Any] = {"image": name}
+            for t in self.thresholds:
+                row[dice_column(t)] = float(dice_per_image(up > t, truth))
+            self.rows.append(row)
+
+
+def score_fold(classifier: Any, images: Sequence[Path], masks: Sequence[Path], input_hw: tuple[int, int],
+               thresholds: Sequence[float], tta: bool, batch_size: int = 8, workers: int = 0) -> pd.DataFrame:
+    """Predict ``images`` with ``classifier`` (as the test set is predicted: same loader, TTA)
+    and return one row per image: image, then its Dice at each threshold."""
+    scorer = OOFScorer({Path(i).name: Path(m) for i, m in zip(images, masks)}, thresholds)
+    loader = DataLoader(TestImageDataset(list(images), input_hw), batch_size=batch_size, num_workers=workers)
+    classifier.predict(loader, [scorer], tta=tta)
+    return pd.DataFrame(scorer.rows)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Atomic CSV write (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, path)
+
+
+def choose_threshold(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, dict[str, float]]:
+    """The grid threshold with the best mean OOF Dice (the lower one on a tie), and every mean."""
+    means = {f"{t:.2f}": float(oof[dice_column(t)].mean()) for t in grid}
+    best = max(grid, key=lambda t: (means[f"{t:.2f}"], -t))
+    return float(best), means
+
+
+def summarize(oof: pd.DataFrame, threshold: float, worst: int = WORST_COUNT) -> dict[str, Any]:
+    """Mean OOF Dice at ``threshold``, per angle (1..16), per fold, and the ``worst`` images."""
+    d = oof[dice_column(threshold)]
+    frame = oof.assign(dice=d)
+    worst_rows = frame.nsmallest(worst, "dice")[["image", "car", "angle", "fold", "dice"]]
+    return {
+        "threshold": threshold,
+        "images": int(len(frame)),
+        "mean_oof_dice": float(d.mean()),
+        "per_angle": {int(a): float(v) for a, v in frame.groupby("angle")["dice"].mean().items()},
+        "per_fold": {int(f): float(v) for f, v in frame.groupby("fold")["dice"].mean().items()},
+        "worst": worst_rows.to_dict(orient="records"),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a few console lines."""
+    lines = [f"OOF Dice {summary['mean_oof_dice']:.5f} over {summary['images']} train images "
+             f"(threshold {summary['threshold']:.2f})",
+             "  per fold:  " + "  ".join(f"{f}: {v:.5f}" for f, v in summary["per_fold"].items()),
+             "  per angle: " + "  ".join(f"{a:02d}: {v:.4f}" for a, v in summary["per_angle"].items()),
+             f"  {len(summary['worst'])} worst: " + ", ".join(f"{w['image']} {w['dice']:.4f}" for w in summary["worst"])]
+    if "threshold_means" in summary:
+        lines.insert(1, "  threshold grid: " + "  ".join(f"{t}: {v:.5f}" for t, v in summary["threshold_means"].items()))
+    return "\n".join(lines)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

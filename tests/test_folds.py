@@ -1,0 +1,77 @@
+"""Car-grouped folds, out-of-fold scores, threshold choice and the error gallery."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from carvana.training.folds import assign_folds, fold_files, load_or_assign_folds
+from carvana.training.gallery import GalleryEntry, render_gallery, FN_COLOUR, FP_COLOUR, TP_COLOUR, error_overlay
+from carvana.training.oof import THRESHOLD_GRID, choose_threshold, dice_column, summarize
+
+
+def names(n_cars: int = 10) -> list[str]:
+    return [f"car{c:03d}abc_{a:02d}.jpg" for c in range(n_cars) for a in range(1, 17)]
+
+
+def test_folds_are_car_disjoint_cover_every_car_once_and_are_seeded():
+    table = assign_folds(names(10), k=4, seed=42)
+    assert len(table) == 160 and set(table["fold"]) == {0, 1, 2, 3}
+    per_car = table.groupby("car")["fold"].nunique()
+    assert (per_car == 1).all() and len(per_car) == 10  # all 16 views of a car in one fold
+    sizes = table.groupby("fold")["car"].nunique().tolist()
+    assert sorted(sizes) == [2, 2, 3, 3]  # balanced
+    assert table.equals(assign_folds(list(reversed(names(10))), 4, 42))  # order of input does not matter
+    others = [assign_folds(names(10), 4, s)["fold"].tolist() for s in (1, 2, 3)]
+    assert any(o != table["fold"].tolist() for o in others)  # the seed shuffles the cars
+    assert table.loc[table["image"] == "car003abc_07.jpg", "angle"].item() == 7
+    with pytest.raises(ValueError, match="needs at least 4 cars"):
+        assign_folds(names(3), 4, 0)
+
+
+def test_fold_files_and_the_saved_split(tmp_path):
+    images = [tmp_path / n for n in names(6)]
+    masks = [tmp_path / n.replace(".jpg", "_mask.gif") for n in names(6)]
+    table = load_or_assign_folds(tmp_path / "folds.csv", images, 3, 0)
+    seen = []
+    for f in range(3):
+        ti, tm, vi, vm = fold_files(table, f, images, masks)
+        assert len(ti) + len(vi) == 96 and not {p.name for p in ti} & {p.name for p in vi}
+        assert [m.name for m in vm] == [p.name.replace(".jpg", "_mask.gif") for p in vi]
+        seen += [p.name for p in vi]
+    assert sorted(seen) == sorted(names(6))  # every image validated exactly once
+    assert load_or_assign_folds(tmp_path / "folds.csv", images, 3, 0).equals(table)  # resume reads it back
+    with pytest.raises(ValueError, match="folds.csv: this run was split into 3 folds"):
+        load_or_assign_folds(tmp_path / "folds.csv", images, 2, 0)
+
+
+def test_threshold_choice_and_summary():
+    rng = np.random.default_rng(0)
+    n = 32
+    oof = pd.DataFrame({"image": [f"c{i // 16}_{i % 16 + 1:02d}.jpg" for i in range(n)], "car": [f"c{i // 16}" for i in range(n)],
+                        "angle": [i % 16 + 1 for i in range(n)], "fold": [i // 16 for i in range(n)]})
+    for t in THRESHOLD_GRID:
+        oof[dice_column(t)] = 0.99 - abs(t - 0.45) * 0.1 + rng.normal(0, 1e-4, n)
+    best, means = choose_threshold(oof)
+    assert best == 0.45 and max(means, key=means.get) == "0.45"
+    s = summarize(oof, best, worst=5)
+    assert s["mean_oof_dice"] == pytest.approx(oof[dice_column(0.45)].mean())
+    assert set(s["per_angle"]) == set(range(1, 17)) and set(s["per_fold"]) == {0, 1}
+    assert [w["dice"] for w in s["worst"]] == sorted(oof[dice_column(0.45)])[:5]
+
+
+def test_error_overlay_colours_each_outcome():
+    image = np.full((4, 4, 3), 100, np.uint8)
+    truth = np.zeros((4, 4), bool)
+    truth[:2] = True
+    pred = np.zeros((4, 4), bool)
+    pred[1:3] = True
+    out = error_overlay(image, pred, truth)
+    colour = lambda rgb: (0.3 * 100 + 0.7 * np.array(rgb)).astype(np.uint8)  # noqa: E731
+    assert (out[1, 0] == colour(TP_COLOUR)).all() and (out[2, 0] == colour(FP_COLOUR)).all()
+    assert (out[0, 0] == colour(FN_COLOUR)).all() and (out[3, 0] == 50).all()
+    entry = GalleryEntry("x_01.jpg", np.zeros((1280, 1918, 3), np.uint8), pred.repeat(320, 0).repeat(480, 1)[:, :1918],
+                         truth.repeat(320, 0).repeat(480, 1)[:, :1918], 0.5)
+    png = render_gallery([entry, entry])
+    assert png.shape[1] == 2 * 639 + 4 and png.shape[0] > 2 * 427
