@@ -24,12 +24,17 @@ CLASSES = 1  # 1 = binary Carvana path (sigmoid, Kaggle RLE); N >= 2 = softmax, 
 CLASS_NAMES = ""  # comma-separated class names (default: the dataset's own)
 TEST_DIR = ""  # images to predict for datasets without a test list (default: the validation images)
 # --- model ---------------------------------------------------------------------------
-INPUT_SIZE = "128x192"  # network input HxW, multiples of 64 (UNet1024 proper: 1024x1024; CPU real data: 256x384; 1280x1920 = native, padded not resized)
+ARCH = "unet1024"  # unet1024 | unet-original | smp: unet, linknet, fpn, unetplusplus, manet, pspnet, deeplabv3plus, ...
+ENCODER = "resnet34"  # encoder of the smp networks: resnet34 (LinkNet34), vgg11 (TernausNet), mobilenet_v2, ...
+ENCODER_WEIGHTS = "imagenet"  # imagenet (downloaded once, needs network) | none | PATH of an encoder state-dict file
+INPUT_SIZE = "128x192"  # HxW images are resized to: multiples of 64 (unet1024; 1280x1920 = native, padded not resized), 32 (smp); unet-original: the OUTPUT size, 4 + a multiple of 16 (388x388)
 CROP = ""  # train on random HxW crops of the input-size image (native 1280x1920: of the full frame); "" = whole
-WIDTH = 0.25  # channel multiplier of UNet1024 (1.0 = the ~31M-parameter original)
+WIDTH = 0.25  # channel multiplier of unet1024 / unet-original (1.0 = the ~31M-parameter original)
 # --- training --------------------------------------------------------------------------
 TRAIN = True  # --no-train predicts from --checkpoint (or the run's best.pt)
 EPOCHS = 24  # passes over the training set; the cosine LR schedule spans them all
+TIME_BUDGET = 0.0  # minutes of training per session (0 = off): stops mid-epoch when spent, then validates; cosine LR follows the clock
+FREEZE_ENCODER_EPOCHS = 0  # keep the pretrained encoder frozen (weights and BatchNorm) for the first N epochs
 BATCH_SIZE = 4  # per process (under torchrun the global batch is this x world size)
 LR = 2e-3  # peak learning rate
 OPTIMIZER = "adamw"  # adamw | adam | sgd

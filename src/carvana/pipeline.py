@@ -30,7 +30,8 @@ from carvana.data.fetcher import CorruptArchiveError, DatasetFetcher, DatasetLay
 from carvana.data.kaggle_client import KaggleError
 from carvana.data.mask_table import MaskTableError, mask_table_for
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
-from carvana.models.registry import ModelConfig, build_model
+from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
+from carvana.models.smp_nets import EncoderWeightsError, resolve_encoder_weights
 from carvana.models.unet1024 import parse_input_size
 from carvana.submission.gzip_stream import SubmissionWriteError
 from carvana.kfold import run_folds
@@ -42,7 +43,7 @@ from carvana.submission.validate import SubmissionError, upload_submission, vali
 # without a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
                KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure,
-               MaskTableError)
+               MaskTableError, ModelConfigError, EncoderWeightsError)
 
 MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
@@ -106,7 +107,10 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()
     seed_everything(hp.seed)
-    input_hw = parse_input_size(hp.input_size)
+    # Training: the model the settings describe, checked (ImageNet encoder weights fetched, or
+    # refused offline) before any data work. Images and masks are resized to its OUTPUT size.
+    model_config = train_model_config(hp) if hp.train else None
+    input_hw = output_size(model_config) if model_config else parse_input_size(hp.input_size)
     run = dist.broadcast_object(resolve_run(hp) if main_process else None)
     models_dir, log_dir = MODELS_DIR / run, LOGS_DIR / run
     if main_process:
@@ -179,19 +183,20 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     # run rebuilds the one its checkpoint describes (format 2 stores it), whatever main.py says.
     weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
     if hp.train:
-        model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
-        model, loaded = build_model(model_config), False
+        fresh = not (hp.resume and (models_dir / "last.pt").exists())  # else a checkpoint replaces the encoder's weights
+        model, loaded = build_model(model_config, pretrained=fresh), False
     else:
         if not weights.exists() and not hp.checkpoint:  # a missing --checkpoint: load_model names it
             raise SystemExit(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
                              "or the --run-name of a trained run")
         model, model_config, _ = load_model(weights)
         check_settings_match(model_config, changed_settings(hp, defaults or {}), weights)
-        input_hw, loaded = model_config.input_size, True
+        input_hw, loaded = output_size(model_config), True
         if main_process:
             print(f"model: {model_config.describe()} from {weights}")
     classifier = CarvanaClassifier(
-        model, model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
+        model, model_config=model_config, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
         scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
         grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
         sync_batchnorm=hp.sync_batchnorm,
@@ -274,9 +279,11 @@ def train_fold(hp: SimpleNamespace, device: str, input_hw: tuple[int, int], mode
                train_images: list[Path], train_masks: list[Path], valid_images: list[Path], valid_masks: list[Path],
                run: str) -> CarvanaClassifier:
     """One fold of --folds K: build the model from the settings, resume its last.pt with --resume, train."""
-    model_config = ModelConfig(arch="unet1024", width=hp.width, classes=1, input_size=input_hw)
+    model_config = make_config(hp.arch, hp.width, 1, input_hw, hp.encoder, hp.encoder_weights)
+    fresh = not (hp.resume and (models_dir / "last.pt").exists())
     classifier = CarvanaClassifier(
-        build_model(model_config), model_config=model_config, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+        build_model(model_config, pretrained=fresh), model_config=model_config, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
         weight_decay=hp.weight_decay, scheduler=hp.scheduler, threshold=hp.threshold, grad_clip=hp.grad_clip,
         device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
         loss_fn=BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
@@ -296,6 +303,15 @@ def train_fold(hp: SimpleNamespace, device: str, input_hw: tuple[int, int], mode
                      ConsoleLogger(), CSVLogger(log_dir), PreviewLogger(log_dir, hp.threshold)]
         classifier.train(make_train_loader(train_set, hp, pin), valid_loader, hp.epochs, callbacks)
     return classifier
+
+
+def train_model_config(hp: SimpleNamespace) -> ModelConfig:
+    """The network --arch/--encoder/--width/--input-size describe; a fresh run resolves its
+    encoder weights here (downloaded once, or one clear error offline)."""
+    config = make_config(hp.arch, hp.width, 1, parse_size(hp.input_size), hp.encoder, hp.encoder_weights)
+    if not hp.resume:
+        resolve_encoder_weights(config.encoder, config.encoder_weights)
+    return config
 
 
 def parse_threshold(text: str, folds: int) -> tuple[bool, float]:

@@ -97,15 +97,16 @@ def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
-def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    """A uint8 (B, 3, H, W) batch -> float32 (x - MEAN) / STD, on x's device.
+def normalize_images(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """A uint8 (B, 3, H, W) batch -> float32 (x - mean) / std, on x's device.
 
-    A float batch is taken to be normalised already and returned as is.
+    ``mean``/``std`` are per channel on the 0..255 scale (the model config's; ImageNet's by
+    default). A float batch is taken to be normalised already and returned as is.
     """
     if x.dtype != torch.uint8:
         return x
-    mean = torch.as_tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.as_tensor(np.asarray(mean, np.float32), device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(np.asarray(std, np.float32), device=x.device).view(1, 3, 1, 1)
     return (x.float() - mean) / std
 
 

@@ -12,7 +12,7 @@ pixels a valid-convolution net loses on each side; 0 for same-padded nets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from torch import nn
@@ -34,7 +34,7 @@ class ModelConfig:
     arch: str = "unet1024"
     width: float = 1.0  # channel multiplier (scratch networks)
     classes: int = 1  # 1 = binary (sigmoid); N >= 2 = one logit map per class (softmax)
-    input_size: tuple[int, int] = (1024, 1024)  # (H, W) fed to the network
+    input_size: tuple[int, int] = (1024, 1024)  # (H, W) of the resized image; the output size too (see output_margin)
     encoder: str = ""  # encoder name for encoder-decoder networks; "" for scratch networks
     encoder_weights: str = "none"  # what the encoder started from (informational once trained)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, uint8 RGB scale
@@ -73,6 +73,8 @@ class ArchSpec:
     pretrained_encoder: bool = False  # takes --encoder / --encoder-weights
     output_margin: int = 0  # pixels lost per side by valid convolutions (input = output + 2 * margin)
     check_size: Callable[[int, int], None] | None = None  # raises ValueError naming valid sizes
+    # (mean, std) on the 0..255 scale for an encoder name; None = ImageNet's
+    normalization: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
 
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -84,6 +86,7 @@ def register_arch(name: str, spec: ArchSpec) -> None:
 
 
 def arch_names() -> list[str]:
+    _register_builtin()
     return sorted(_ARCHS)
 
 
@@ -101,7 +104,10 @@ def check_input_size(config: ModelConfig) -> None:
     spec = arch_spec(config.arch)
     h, w = config.input_size
     if spec.check_size is not None:
-        spec.check_size(h, w)
+        try:
+            spec.check_size(h, w)
+        except ValueError as exc:
+            raise ModelConfigError(str(exc)) from None
         return
     m = spec.size_multiple
     if h > 0 and w > 0 and h % m == 0 and w % m == 0:
@@ -111,12 +117,50 @@ def check_input_size(config: ModelConfig) -> None:
         lower = n // m * m
         return f"{lower} or {lower + m}" if lower > 0 else f"{m}"
 
-    raise ValueError(f"input size {h}x{w} (HxW) is not supported by {config.arch}: height and width must be "
+    raise ModelConfigError(f"input size {h}x{w} (HxW) is not supported by {config.arch}: height and width must be "
                      f"positive multiples of {m}; nearest valid height: {near(h)}, nearest valid width: {near(w)}")
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """Build the network ``config`` describes (randomly initialised, or with its encoder weights)."""
+def parse_size(text: str) -> tuple[int, int]:
+    """``"256x384"`` (height x width) -> ``(256, 384)``; one number is a square. The
+    architecture checks the values (:func:`check_input_size`)."""
+    parts = text.strip().lower().split("x")
+    parts = parts * 2 if len(parts) == 1 else parts
+    try:
+        h, w = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ModelConfigError(f"input size {text!r}: expected 'HxW' with integers, such as '256x384'") from None
+    return h, w
+
+
+def make_config(arch: str, width: float = 1.0, classes: int = 1, input_size: tuple[int, int] = (1024, 1024),
+                encoder: str = "", encoder_weights: str = "none") -> ModelConfig:
+    """A checked ModelConfig whose normalisation comes from the architecture (and encoder);
+    ``encoder`` and ``encoder_weights`` are dropped for networks trained from scratch."""
+    spec = arch_spec(arch)
+    if not spec.pretrained_encoder:
+        encoder, encoder_weights = "", "none"
+    elif not encoder:
+        raise ModelConfigError(f"--arch {arch} needs an --encoder (e.g. resnet34, vgg11, mobilenet_v2)")
+    mean, std = spec.normalization(encoder) if spec.normalization else (IMAGENET_MEAN, IMAGENET_STD)
+    config = ModelConfig(arch=arch, width=width, classes=classes, input_size=tuple(input_size), encoder=encoder,
+                         encoder_weights=encoder_weights or "none", mean=tuple(mean), std=tuple(std))
+    check_input_size(config)
+    return config
+
+
+def encoder_of(model: nn.Module, config: ModelConfig) -> nn.Module | None:
+    """The pretrainable encoder of ``model`` (smp's ``model.encoder``); None for scratch networks."""
+    return getattr(model, "encoder", None) if arch_spec(config.arch).pretrained_encoder else None
+
+
+def build_model(config: ModelConfig, pretrained: bool = True) -> nn.Module:
+    """Build the network ``config`` describes (randomly initialised, or with its encoder weights).
+
+    ``pretrained=False`` skips the encoder weights: for weights about to be overwritten by a
+    checkpoint, which must not need a download."""
+    if not pretrained:
+        config = replace(config, encoder_weights="none")
     if config.classes < 1:
         raise ModelConfigError(f"classes must be >= 1, got {config.classes}")
     spec = arch_spec(config.arch)
@@ -130,10 +174,39 @@ def _build_unet1024(config: ModelConfig) -> nn.Module:
     return UNet1024(width=config.width, classes=config.classes)
 
 
+def _build_unet_original(config: ModelConfig) -> nn.Module:
+    from carvana.models.unet_original import UNetOriginal
+
+    return UNetOriginal(width=config.width, classes=config.classes)
+
+
+def _smp_builder(arch: str) -> Callable[[ModelConfig], nn.Module]:
+    def build(config: ModelConfig) -> nn.Module:
+        from carvana.models.smp_nets import build_smp
+
+        return build_smp(arch, config.encoder, config.encoder_weights, config.classes)
+
+    return build
+
+
+def _smp_normalization(encoder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from carvana.models.smp_nets import normalization
+
+    return normalization(encoder)
+
+
 def _register_builtin() -> None:
-    """Register the architectures this package ships (idempotent, imports lazily)."""
+    """Register the architectures this package ships (idempotent; smp is imported on first build)."""
     if "unet1024" in _ARCHS:
         return
+    from carvana.models import smp_nets, unet_original
     from carvana.models.unet1024 import SIZE_MULTIPLE, check_input_size as unet1024_check
 
     register_arch("unet1024", ArchSpec(build=_build_unet1024, size_multiple=SIZE_MULTIPLE, check_size=unet1024_check))
+    # --input-size is the OUTPUT size here; images are mirror-padded by the margin on the way in.
+    register_arch("unet-original", ArchSpec(build=_build_unet_original, size_multiple=unet_original.SIZE_STEP,
+                                            output_margin=unet_original.MARGIN,
+                                            check_size=unet_original.check_output_size))
+    for name in smp_nets.SMP_ARCHS:
+        register_arch(name, ArchSpec(build=_smp_builder(name), size_multiple=smp_nets.SIZE_MULTIPLE,
+                                     pretrained_encoder=True, normalization=_smp_normalization))

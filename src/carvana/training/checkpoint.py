@@ -90,7 +90,7 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
     state = load_checkpoint(Path(path), map_location)
     config = model_config_of(state, path)
     try:
-        model = build_model(config)
+        model = build_model(config, pretrained=False)  # the checkpoint's weights replace the encoder's
     except (ModelConfigError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot build its model: {exc}") from exc
     load_model_weights(model, state, path, config)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from carvana.models.registry import ModelConfig
+from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, encoder_of
+from carvana.models.unet_original import mirror_pad
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.data.datasets import normalize_images, tensor_to_image
 from carvana.data.postprocess import crop_native
@@ -58,6 +59,8 @@ class CarvanaClassifier:
         model_config: ModelConfig | None = None,
         task: Any = None,
         loss_fn: nn.Module | None = None,
+        freeze_encoder_epochs: int = 0,
+        time_budget: float = 0.0,
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
@@ -91,6 +94,20 @@ class CarvanaClassifier:
         self.epochs = epochs
         # How to rebuild `model`: stored in every checkpoint (see carvana.models.registry).
         self.model_config = model_config
+        # The data path takes normalisation and the mirror margin from the model, not constants.
+        config = model_config or ModelConfig()
+        self.mean, self.std = config.mean, config.std
+        self.input_margin = arch_spec(config.arch).output_margin  # unet-original: 92, others 0
+        self.encoder = encoder_of(self.model, config) if model_config is not None else None
+        if freeze_encoder_epochs > 0 and self.encoder is None:
+            raise ModelConfigError(f"--freeze-encoder-epochs needs a network with a pretrained encoder (--arch unet, "
+                             f"linknet, ...), not {config.arch}")
+        self.freeze_encoder_epochs = freeze_encoder_epochs
+        # Seconds of training (train + validation) per session; the cosine LR follows the clock.
+        self.time_budget = time_budget
+        self._budget_start, self._budget_spent = time.perf_counter(), False
+        if time_budget > 0 and scheduler.lower() == "cosine":
+            self.scheduler = None
         self.threshold = threshold
         self.grad_clip = grad_clip
         self.preview_count = preview_count
@@ -114,7 +131,9 @@ class CarvanaClassifier:
 
     def _images_to_device(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or already normalised float) images -> normalised float32 on the device."""
-        x = normalize_images(x.to(self.device, non_blocking=True))
+        x = normalize_images(x.to(self.device, non_blocking=True), self.mean, self.std)
+        if self.input_margin:  # valid-convolution nets see the image mirrored outwards by the margin
+            x = mirror_pad(x, self.input_margin)
         return x.contiguous(memory_format=self.memory_format)
 
     def _masks_to_device(self, m: torch.Tensor) -> torch.Tensor:
@@ -166,6 +185,7 @@ class CarvanaClassifier:
         epochs = self.epochs if epochs is None else epochs
         cbs = CallbackList(callbacks)
         cbs.on_train_start(self, self.epoch + 1, epochs)
+        self._budget_start, self._budget_spent = time.perf_counter(), False
         try:
             for epoch in range(self.epoch + 1, epochs):
                 start = time.perf_counter()
@@ -190,14 +210,31 @@ class CarvanaClassifier:
                 metrics["seconds"] = time.perf_counter() - start
                 self.history.append(metrics)
                 cbs.on_epoch_end(self, epoch, metrics, preview)
+                if self._budget_spent:
+                    break
         except BaseException as exc:
             cbs.on_exception(self, exc)
             raise
         cbs.on_train_end(self)
         return self.history
 
+    def _budget_check(self) -> bool:
+        """--time-budget: True once the training steps have used it up (rank 0's clock decides, so
+        all ranks stop at the same step); until then the cosine LR follows the clock, per step."""
+        used = dist.broadcast_object(time.perf_counter() - self._budget_start)
+        if used >= self.time_budget:
+            self._budget_spent = True
+        elif self.scheduler is None and self.scheduler_name.lower() == "cosine":
+            for group in self.optimizer.param_groups:
+                base = group.setdefault("initial_lr", group["lr"])
+                group["lr"] = base * (0.01 + 0.99 * (1 + math.cos(math.pi * used / self.time_budget)) / 2)
+        return self._budget_spent
+
     def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> float:
         self.net.train()
+        frozen = self.encoder is not None and epoch < self.freeze_encoder_epochs
+        if frozen:  # fine-tuning: the encoder keeps its weights and its BatchNorm statistics
+            self.encoder.eval()
         total, count = torch.zeros((), device=self.device), 0
         bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=self._bar_off, dynamic_ncols=True)
         for step, batch in enumerate(bar):
@@ -217,6 +254,9 @@ class CarvanaClassifier:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if frozen:  # no update, no weight decay: AdamW skips parameters without a gradient
+                for p in self.encoder.parameters():
+                    p.grad = None
             if self.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -226,6 +266,8 @@ class CarvanaClassifier:
             count += images.shape[0]
             if self.progress:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.time_budget > 0 and self._budget_check():  # validate what we have, then stop
+                break
         # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
         dist.broadcast_buffers(self.model)
         return dist.all_reduce_mean(total, count)
