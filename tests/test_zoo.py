@@ -10,7 +10,7 @@ from torch import nn
 from carvana.data.datasets import resize_mask
 from carvana.models import smp_nets
 from carvana.models.registry import (IMAGENET_MEAN, ModelConfig, ModelConfigError, arch_names, arch_spec, build_model,
-                                     make_config)
+                                     make_config, output_size)
 from carvana.models.smp_nets import EncoderWeightsError, load_encoder_weights, resolve_encoder_weights
 from carvana.models.unet_original import MARGIN, UNetOriginal, center_crop, check_output_size, mirror_pad
 from carvana.training.checkpoint import load_model, save_checkpoint
@@ -24,7 +24,7 @@ RECIPES = {"linknet34": ("linknet", "resnet34"), "ternausnet": ("unet", "vgg11")
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_named_recipes_build_and_keep_the_input_size(recipe):
     arch, encoder = RECIPES[recipe]
-    config = make_config(arch, classes=1, input_size=(64, 96), encoder=encoder, encoder_weights="none")
+    config = make_config(arch, classes=1, size=(64, 96), encoder=encoder, encoder_weights="none")
     model = build_model(config).eval()
     assert type(model).__name__ == {"linknet": "Linknet", "unet": "Unet"}[arch]
     assert type(model.encoder).__name__ == {"resnet34": "ResNetEncoder", "vgg11": "VGGEncoder",
@@ -37,13 +37,13 @@ def test_named_recipes_build_and_keep_the_input_size(recipe):
 def test_every_registered_arch_is_listed_and_smp_sizes_are_checked():
     assert {"unet1024", "unet-original", "unet", "linknet", "fpn", "unetplusplus"} <= set(arch_names())
     with pytest.raises(ModelConfigError, match=r"multiples of 32; nearest valid height: 96 or 128"):
-        make_config("fpn", input_size=(100, 128), encoder="resnet34")
+        make_config("fpn", size=(100, 128), encoder="resnet34")
     with pytest.raises(ModelConfigError, match="needs an --encoder"):
-        make_config("linknet", input_size=(64, 64), encoder="")
+        make_config("linknet", size=(64, 64), encoder="")
     with pytest.raises(EncoderWeightsError, match="unknown encoder 'resnet35'"):
         resolve_encoder_weights("resnet35", "imagenet")
     # scratch networks drop encoder settings, so their checkpoints do not claim an encoder
-    assert make_config("unet1024", input_size=(64, 64), encoder="resnet34", encoder_weights="imagenet").encoder == ""
+    assert make_config("unet1024", size=(64, 64), encoder="resnet34", encoder_weights="imagenet").encoder == ""
 
 
 def test_unet_original_is_the_2015_network():
@@ -62,8 +62,10 @@ def test_unet_original_size_errors_name_the_nearest_valid_sizes():
     check_output_size(388, 388)
     with pytest.raises(ValueError, match=r"nearest valid height: 52 or 68, nearest valid width: 372 or 388"):
         check_output_size(64, 380)
+    config = make_config("unet-original", size=(388, 388))  # --input-size is the OUTPUT size
+    assert config.input_size == (572, 572) and output_size(config) == (388, 388)
     with pytest.raises(ModelConfigError, match="OUTPUT size for unet-original"):
-        make_config("unet-original", input_size=(128, 192))
+        make_config("unet-original", size=(128, 192))
     with pytest.raises(ValueError, match="nearest valid height: 4,"):
         check_output_size(2, 388)
 
@@ -114,7 +116,7 @@ def test_mask_resize_mirror_pad_and_crop_land_on_the_same_pixels():
     full = (((xx - 900) / 700.0) ** 2 + ((yy - 700) / 400.0) ** 2 < 1).astype(np.uint8)
     out_hw = (52, 84)
     mask = resize_mask(full, out_hw)
-    config = make_config("unet-original", width=0.0625, input_size=out_hw)
+    config = make_config("unet-original", width=0.0625, size=out_hw)
     clf = CarvanaClassifier(build_model(config), epochs=1, device="cpu", progress=False, model_config=config)
     image = torch.from_numpy(np.repeat(mask[None] * 255, 3, 0))[None]  # uint8 (1, 3, H, W)
     x = clf._images_to_device(image)
@@ -139,7 +141,7 @@ def test_normalisation_comes_from_the_model_config():
 
 def _encoder_file(tmp_path, encoder: str = "resnet34", seed: int = 1):
     torch.manual_seed(seed)
-    source = build_model(make_config("linknet", input_size=(64, 64), encoder=encoder))
+    source = build_model(make_config("linknet", size=(64, 64), encoder=encoder))
     path = tmp_path / f"{encoder}.pt"
     torch.save(source.encoder.state_dict(), path)
     return path, source.encoder.state_dict()
@@ -147,7 +149,7 @@ def _encoder_file(tmp_path, encoder: str = "resnet34", seed: int = 1):
 
 def test_local_encoder_weights_load_exactly(tmp_path):
     path, saved = _encoder_file(tmp_path)
-    config = make_config("linknet", input_size=(64, 64), encoder="resnet34", encoder_weights=str(path))
+    config = make_config("linknet", size=(64, 64), encoder="resnet34", encoder_weights=str(path))
     model = build_model(config)
     got = model.encoder.state_dict()
     assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
@@ -156,7 +158,7 @@ def test_local_encoder_weights_load_exactly(tmp_path):
 
     st = tmp_path / "enc.safetensors"
     save_file({k: v.contiguous() for k, v in saved.items()}, str(st))
-    again = build_model(make_config("unet", input_size=(64, 64), encoder="resnet34", encoder_weights=str(st)))
+    again = build_model(make_config("unet", size=(64, 64), encoder="resnet34", encoder_weights=str(st)))
     assert all(torch.equal(again.encoder.state_dict()[k], saved[k]) for k in saved)
 
 
@@ -164,7 +166,7 @@ def test_wrong_encoder_file_lists_missing_and_unexpected_keys(tmp_path):
     path, _ = _encoder_file(tmp_path, "mobilenet_v2")
     with pytest.raises(EncoderWeightsError, match=r"mobilenet_v2.pt: does not fit this encoder: missing keys: .*conv1"
                                                    r".*unexpected keys: features"):
-        build_model(make_config("linknet", input_size=(64, 64), encoder="resnet34", encoder_weights=str(path)))
+        build_model(make_config("linknet", size=(64, 64), encoder="resnet34", encoder_weights=str(path)))
     with pytest.raises(EncoderWeightsError, match="no such file"):
         resolve_encoder_weights("resnet34", str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a state dict")
@@ -189,7 +191,7 @@ def test_imagenet_offline_fails_fast_with_one_clear_message(monkeypatch):
     monkeypatch.setattr(smp_nets.socket, "create_connection", no_network)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(EncoderWeightsError) as err:
-        build_model(make_config("linknet", input_size=(64, 64), encoder="resnet34", encoder_weights="imagenet"))
+        build_model(make_config("linknet", size=(64, 64), encoder="resnet34", encoder_weights="imagenet"))
     msg = str(err.value)
     assert "--encoder-weights PATH" in msg and "--encoder-weights none" in msg and "Network is unreachable" in msg
     # a cached file is used without touching the network
@@ -199,7 +201,7 @@ def test_imagenet_offline_fails_fast_with_one_clear_message(monkeypatch):
 
 def _linknet_classifier(**kwargs) -> CarvanaClassifier:
     torch.manual_seed(0)
-    config = make_config("linknet", input_size=(32, 32), encoder="mobilenet_v2")  # the smallest named encoder
+    config = make_config("linknet", size=(32, 32), encoder="mobilenet_v2")  # the smallest named encoder
     return CarvanaClassifier(build_model(config), epochs=kwargs.pop("epochs", 2), device="cpu", progress=False,
                              model_config=config, **kwargs)
 
@@ -216,13 +218,13 @@ def test_freeze_encoder_epochs_keeps_the_encoder_then_releases_it():
     clf.train(batches, None, epochs=2)
     assert not all(torch.equal(enc0[k], v) for k, v in clf.model.encoder.state_dict().items())
     with pytest.raises(ModelConfigError, match="needs a network with a pretrained encoder"):
-        config = make_config("unet1024", width=0.125, input_size=(64, 64))
+        config = make_config("unet1024", width=0.125, size=(64, 64))
         CarvanaClassifier(build_model(config), epochs=1, device="cpu", model_config=config, freeze_encoder_epochs=1)
 
 
 def _tiny_classifier(**kwargs) -> CarvanaClassifier:
     torch.manual_seed(0)
-    config = make_config("unet1024", width=0.125, input_size=(64, 64))
+    config = make_config("unet1024", width=0.125, size=(64, 64))
     return CarvanaClassifier(build_model(config), device="cpu", progress=False, model_config=config, **kwargs)
 
 
@@ -240,7 +242,7 @@ def test_time_budget_stops_training_and_anneals_the_lr_by_the_clock():
 def test_checkpoint_rebuilds_the_smp_network_without_downloading(tmp_path, monkeypatch):
     clf = _linknet_classifier()
     # the run started from ImageNet weights; rebuilding must not fetch them again
-    clf.model_config = make_config("linknet", input_size=(32, 32), encoder="mobilenet_v2", encoder_weights="imagenet")
+    clf.model_config = make_config("linknet", size=(32, 32), encoder="mobilenet_v2", encoder_weights="imagenet")
     save_checkpoint(clf.state_dict(), tmp_path / "best.pt")
     monkeypatch.setattr(smp_nets, "resolve_encoder_weights", lambda *a: pytest.fail("weights resolved"))
     model, config, _ = load_model(tmp_path / "best.pt")

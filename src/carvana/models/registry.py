@@ -34,7 +34,7 @@ class ModelConfig:
     arch: str = "unet1024"
     width: float = 1.0  # channel multiplier (scratch networks)
     classes: int = 1  # 1 = binary (sigmoid); N >= 2 = one logit map per class (softmax)
-    input_size: tuple[int, int] = (1024, 1024)  # (H, W) of the resized image; the output size too (see output_margin)
+    input_size: tuple[int, int] = (1024, 1024)  # (H, W) fed to the network (valid-conv nets: output + 2 * margin)
     encoder: str = ""  # encoder name for encoder-decoder networks; "" for scratch networks
     encoder_weights: str = "none"  # what the encoder started from (informational once trained)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel, uint8 RGB scale
@@ -102,7 +102,7 @@ def arch_spec(name: str) -> ArchSpec:
 def check_input_size(config: ModelConfig) -> None:
     """Raise ``ValueError`` (naming the nearest valid sizes) if the net cannot take the input size."""
     spec = arch_spec(config.arch)
-    h, w = config.input_size
+    h, w = output_size(config)
     if spec.check_size is not None:
         try:
             spec.check_size(h, w)
@@ -133,17 +133,28 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def make_config(arch: str, width: float = 1.0, classes: int = 1, input_size: tuple[int, int] = (1024, 1024),
+def output_size(config: ModelConfig) -> tuple[int, int]:
+    """(H, W) of the network's output: the input less the valid-convolution margin on each side.
+    Images and masks are resized to this; the classifier mirror-pads images by the margin."""
+    m = arch_spec(config.arch).output_margin
+    return config.input_size[0] - 2 * m, config.input_size[1] - 2 * m
+
+
+def make_config(arch: str, width: float = 1.0, classes: int = 1, size: tuple[int, int] = (1024, 1024),
                 encoder: str = "", encoder_weights: str = "none") -> ModelConfig:
-    """A checked ModelConfig whose normalisation comes from the architecture (and encoder);
-    ``encoder`` and ``encoder_weights`` are dropped for networks trained from scratch."""
+    """A checked ModelConfig from the command line's settings: ``size`` is --input-size, the
+    network's OUTPUT size (= its input size, except for valid-convolution nets such as
+    unet-original, whose input is ``size`` + 2 * output_margin). Normalisation comes from the
+    architecture (and encoder); ``encoder``/``encoder_weights`` are dropped for scratch networks."""
     spec = arch_spec(arch)
     if not spec.pretrained_encoder:
         encoder, encoder_weights = "", "none"
     elif not encoder:
         raise ModelConfigError(f"--arch {arch} needs an --encoder (e.g. resnet34, vgg11, mobilenet_v2)")
     mean, std = spec.normalization(encoder) if spec.normalization else (IMAGENET_MEAN, IMAGENET_STD)
-    config = ModelConfig(arch=arch, width=width, classes=classes, input_size=tuple(input_size), encoder=encoder,
+    m = spec.output_margin
+    config = ModelConfig(arch=arch, width=width, classes=classes, input_size=(size[0] + 2 * m, size[1] + 2 * m),
+                         encoder=encoder,
                          encoder_weights=encoder_weights or "none", mean=tuple(mean), std=tuple(std))
     check_input_size(config)
     return config
