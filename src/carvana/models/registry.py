@@ -72,7 +72,7 @@ class ArchSpec:
     size_multiple: int  # input H and W must be multiples of this
     pretrained_encoder: bool = False  # takes --encoder / --encoder-weights
     output_margin: int = 0  # pixels lost per side by valid convolutions (input = output + 2 * margin)
-    check_size: Callable[[int, int], None] | None = None  # raises ValueError naming valid sizes
+    check_size: Callable[[int, int], None] | None = None  # on the OUTPUT size; raises ValueError naming valid ones
     # (mean, std) on the 0..255 scale for an encoder name; None = ImageNet's
     normalization: Callable[[str], tuple[tuple[float, ...], tuple[float, ...]]] | None = None
 
