@@ -248,3 +248,15 @@ def test_checkpoint_rebuilds_the_smp_network_without_downloading(tmp_path, monke
     model, config, _ = load_model(tmp_path / "best.pt")
     assert type(model).__name__ == "Linknet" and config.encoder == "mobilenet_v2"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clf.model.state_dict().values()))
+
+
+def test_no_train_flags_are_checked_against_the_checkpoints_network():
+    from carvana.training.checkpoint import CheckpointError, check_settings_match
+
+    config = make_config("unet-original", width=0.0625, size=(52, 52))
+    check_settings_match(config, {"arch": "unet-original", "input_size": "52x52", "encoder": "vgg11"}, "c.pt")
+    with pytest.raises(CheckpointError, match="--arch linknet contradicts the checkpoint c.pt"):
+        check_settings_match(config, {"arch": "linknet"}, "c.pt")
+    smp_config = make_config("linknet", size=(64, 64), encoder="resnet34")
+    with pytest.raises(CheckpointError, match="--encoder vgg11 contradicts.*--encoder resnet34"):
+        check_settings_match(smp_config, {"encoder": "vgg11"}, "c.pt")

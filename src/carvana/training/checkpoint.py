@@ -100,13 +100,18 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
 def check_settings_match(config: ModelConfig, given: dict[str, Any], path: Path | str) -> None:
     """Raise CheckpointError when a setting in ``given`` (e.g. ``{"width": 0.5}`` from the command
     line) contradicts the model a checkpoint describes, naming both values."""
-    from carvana.models.unet1024 import parse_input_size
+    from carvana.models.registry import output_size, parse_size
 
     for name, value in given.items():
         if name == "width":
             ok, theirs = float(value) == config.width, f"{config.width:g}"
-        elif name == "input_size":
-            ok, theirs = tuple(parse_input_size(str(value))) == tuple(config.input_size), "x".join(map(str, config.input_size))
+        elif name == "input_size":  # --input-size is the output size (unet-original's input is larger)
+            out = output_size(config)
+            ok, theirs = tuple(parse_size(str(value))) == tuple(out), "x".join(map(str, out))
+        elif name == "arch":
+            ok, theirs = value == config.arch, config.arch
+        elif name == "encoder" and config.encoder:
+            ok, theirs = value == config.encoder, config.encoder
         else:  # not part of the model
             continue
         if not ok:
