@@ -21,8 +21,8 @@ from carvana.data.datasets import train_augmentation
 from carvana.data.demo_trimap import CLASS_NAMES as DEMO_CLASS_NAMES, write_demo_trimap_dataset
 from carvana.data.multiclass import SegmentationDataset, collate_segmentation, load_segmentation_data
 from carvana.data.palette import label_grid
-from carvana.models.registry import ModelConfig, build_model
-from carvana.models.unet1024 import parse_input_size
+from carvana.models.registry import ModelConfig, build_model, make_config, output_size, parse_size
+from carvana.models.smp_nets import resolve_encoder_weights
 from carvana.pipeline import LOGS_DIR, MODELS_DIR, make_train_loader, resolve_run, seed_everything, write_json
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
@@ -76,7 +76,11 @@ def model_config_for(hp: SimpleNamespace, classes: int, input_hw: tuple[int, int
         if config.classes != classes:
             raise CheckpointError(f"{hp.checkpoint}: a {config.classes}-class model, but this data set has {classes} classes")
         return config
-    return ModelConfig(arch="unet1024", width=hp.width, classes=classes, input_size=input_hw)
+    # --arch/--encoder as in the binary path (the tutorials' recipe is --arch unet --encoder mobilenet_v2).
+    config = make_config(hp.arch, hp.width, classes, input_hw, hp.encoder, hp.encoder_weights)
+    if hp.train and not hp.resume:
+        resolve_encoder_weights(config.encoder, config.encoder_weights)
+    return config
 
 
 def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
@@ -92,7 +96,7 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()
     seed_everything(hp.seed)
-    input_hw = parse_input_size(hp.input_size)
+    input_hw = parse_size(hp.input_size)
     run = dist.broadcast_object(resolve_run(hp) if main_process else None)
     models_dir, log_dir = MODELS_DIR / run, LOGS_DIR / run
     if main_process:
@@ -108,7 +112,7 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
 
     # 2. model, task and classifier
     config = model_config_for(hp, classes, input_hw)
-    input_hw = tuple(config.input_size)
+    input_hw = output_size(config)  # data size; unet-original's input adds its margin
     task = MultiClassTask(classes, data.class_names, hp.ce_weight, hp.dice_weight, _floats(hp.class_weights, "class-weights"))
     classifier = CarvanaClassifier(
         build_model(config), model_config=config, task=task, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
