@@ -9,7 +9,6 @@ The loaders, classifier, callbacks, checkpoints and torchrun glue are the binary
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +22,7 @@ from carvana.data.multiclass import SegmentationDataset, collate_segmentation, l
 from carvana.data.palette import label_grid
 from carvana.models.registry import ModelConfig, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
-from carvana.pipeline import LOGS_DIR, MODELS_DIR, make_train_loader, resolve_run, seed_everything, write_json
+from carvana.pipeline import LOGS_DIR, MODELS_DIR, StageTimer, make_train_loader, resolve_run, seed_everything, write_json
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
 from carvana.training import distributed as dist
@@ -85,13 +84,8 @@ def model_config_for(hp: SimpleNamespace, classes: int, input_hw: tuple[int, int
 
 def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     """Every stage of a multi-class run; returns the process exit code."""
-    times: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def stage_done(name: str) -> None:
-        nonlocal clock
-        times[name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+    stage_done = StageTimer()
+    times = stage_done.seconds
 
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()

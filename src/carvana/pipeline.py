@@ -49,6 +49,19 @@ MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
 
 
+class StageTimer:
+    """Seconds per stage, in order: call it with a stage's name when that stage ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._clock, 1)
+        self._clock = now
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -96,13 +109,8 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         from carvana.multiclass_pipeline import run_multiclass_pipeline  # imports this module: import late
 
         return run_multiclass_pipeline(hp)
-    times: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def stage_done(name: str) -> None:
-        nonlocal clock
-        times[name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+    stage_done = StageTimer()
+    times = stage_done.seconds
 
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main_process = dist.is_main_process()
