@@ -5,10 +5,16 @@ Runs ``CarvanaClassifier``'s own training step (``_train_one_epoch``: normalise,
 fp32 BCE + Dice, backward, AdamW) and its ``predict`` loop (forward + sigmoid, no TTA, a
 no-op callback) on synthetic uint8 batches like the loader's, for each variant:
 
-* ``fp32``      ``amp=False, channels_last=False``: the CPU path before bf16 (the baseline)
+* ``fp32``      ``amp=False, channels_last=False``, inference on the live model with its
+                BatchNorms: the CPU path before bf16 (the baseline)
 * ``bf16``      ``amp=True, channels_last=False``
 * ``bf16-cl``   ``amp=True, channels_last=True``: what the pipeline runs on a CPU with native bf16
 * ``fp32-cl``   ``amp=False, channels_last=True``: the pipeline with ``--no-amp``
+* ``bf16-cl-ac`` bf16-cl with inference under autocast on the live model (BatchNorm not folded,
+                weights re-cast each forward): the pipeline before training/inference.py
+
+Every variant but ``fp32`` and ``-ac`` infers through the classifier's folded, cast copy
+(``training/inference.py``); training is the same loop for all.
 
 Variants are interleaved round by round (the order rotates each round) at every input
 size, and the figures are **medians of per-round ratios** against fp32 of the same round,
@@ -21,7 +27,7 @@ medians of bf16-cl, else bf16, at the first ``--sizes`` entry).
 Usage (from the repository root)::
 
     python bench/cpu_amp.py [--sizes 128x192,256x384] [--width 0.25] [--batch-size 4]
-                            [--train-steps 3] [--infer-batches 6] [--repeat 7] [--variants fp32,bf16,bf16-cl,fp32-cl]
+                            [--train-steps 3] [--infer-batches 6] [--repeat 7] [--variants fp32,bf16,bf16-cl,fp32-cl,bf16-cl-ac]
                             [--threads N] [--clock wall|cpu]
 """
 
@@ -48,7 +54,7 @@ from carvana.training.callbacks import Callback
 from carvana.training.classifier import CarvanaClassifier
 from carvana.training.precision import cpu_bf16_flags
 
-VARIANTS = ("fp32", "bf16", "bf16-cl", "fp32-cl")
+VARIANTS = ("fp32", "bf16", "bf16-cl", "fp32-cl", "bf16-cl-ac")
 
 
 def cpu_model() -> str:
@@ -77,7 +83,9 @@ def make_classifier(variant: str, width: float) -> CarvanaClassifier:
     """The same initial weights for every variant; channels_last only for the -cl ones."""
     torch.manual_seed(0)
     clf = CarvanaClassifier(UNet1024(width=width), epochs=1, device="cpu", amp=variant.startswith("bf16"),
-                            channels_last=variant.endswith("-cl"), progress=False)
+                            channels_last="-cl" in variant, progress=False)
+    if variant == "fp32" or variant.endswith("-ac"):
+        clf.inference = None  # eval forwards on the live model (autocast where bf16): the former path
     expected = torch.bfloat16 if variant.startswith("bf16") else None
     if clf.amp_dtype != expected:
         sys.exit(f"bench/cpu_amp.py: variant {variant} needs native bf16, which this CPU lacks "

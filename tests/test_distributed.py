@@ -18,9 +18,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from carvana.training.checkpoint import load_checkpoint
+from carvana.training.checkpoint import load_checkpoint, save_checkpoint
 from carvana.training.classifier import CarvanaClassifier
 from carvana.data.datasets import TrainImageDataset
 from carvana.data.demo_data import write_demo_dataset
@@ -118,6 +119,26 @@ def test_sharded_prediction_equals_single_process_prediction_from_the_same_check
     assert inflater.decompress(sharded.read_bytes()).decode().splitlines() == single_rows
     assert inflater.eof and inflater.unused_data == b""
     assert not list(sharded.parent.glob("submit.csv.gz.rank*"))  # shards and their records are removed once assembled
+
+
+def test_ensemble_under_torchrun_equals_the_single_process_ensemble(ddp_run, tmp_path):
+    # A second member with other weights (the first one, perturbed), weighted 2:1, so the
+    # average is not one model's output; sharding must not change a byte of the submission.
+    state = load_checkpoint(ddp_run["run_dir"] / "best.pt")
+    generator = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    other = tmp_path / "other.pt"
+    save_checkpoint(state, other)
+    members = ["--no-train", "--ensemble", f"{ddp_run['run_dir'] / 'best.pt'} {other}", "--ensemble-weights", "2 1",
+               "--data-dir", str(ddp_run["data"])]
+    single, sharded = tmp_path / "single.csv.gz", tmp_path / "sharded.csv.gz"
+    run_main(tmp_path, [*COMMON, *members, "--output", str(single)])
+    stdout = run_main(tmp_path, [*COMMON, *members, "--output", str(sharded)], nproc=2)
+    assert "ensemble of 2" in stdout
+    assert sharded.read_bytes() == single.read_bytes()
+    with gzip.open(sharded, "rt") as f:
+        assert len(f.read().splitlines()) == 17
 
 
 def test_resume_under_torchrun_continues_the_same_run(ddp_run, tmp_path):

@@ -79,6 +79,8 @@ def parse_input_size(text: str) -> tuple[int, int]:
 class ConvBnRelu(nn.Module):
     """3x3 convolution (no bias: BatchNorm supplies it) + BatchNorm + ReLU."""
 
+    FOLDABLE_CONV_BN = (("conv", "bn"),)  # bn(conv(x)): inference may fold bn into conv
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.conv = nn.Conv2d(

@@ -6,6 +6,7 @@
   multiclass        - N >= 2 classes: CE + Dice loss, confusion-matrix IoU/accuracy, the task the classifier delegates to
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
+  inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once
   classifier        - CarvanaClassifier: the train / validate / predict loops
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
 

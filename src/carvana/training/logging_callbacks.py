@@ -49,7 +49,10 @@ class ConsoleLogger(Callback):
         if "valid_miou" in metrics:  # multi-class runs
             parts += [f"valid_loss {metrics['valid_loss']:.4f}", f"valid_miou {metrics['valid_miou']:.4f}",
                       f"valid_acc {metrics['valid_accuracy']:.4f}"]
-        parts += [f"lr {metrics['lr']:.2e}", f"{metrics['seconds']:.0f}s", "*best*" if metrics.get("is_best") else ""]
+        parts += [f"lr {metrics['lr']:.2e}", f"{metrics['seconds']:.0f}s"]
+        if metrics.get("train_seconds"):  # training steps only, this process: what --time-budget buys
+            parts.append(f"train {metrics['train_images'] / metrics['train_seconds']:.1f} img/s")
+        parts.append("*best*" if metrics.get("is_best") else "")
         print("  ".join(p for p in parts if p), flush=True)
 
 

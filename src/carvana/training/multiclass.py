@@ -170,8 +170,7 @@ class MultiClassTask:
         for batch in bar:
             images = trainer._images_to_device(batch["image"])
             masks = self.target_to_device(batch["mask"], trainer.device)
-            with trainer._autocast():
-                logits = trainer.eval_net(images)
+            logits = trainer.eval_forward(images)
             loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
             probs = self.activate(logits)
             labels = []

@@ -1,0 +1,149 @@
+"""CPU inference copies (training/inference.py): folded BatchNorm is exact, only provably
+adjacent conv -> bn pairs fold, the copy follows the live weights, and the classifier's
+validation and prediction go through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from carvana.models.registry import ModelConfig, build_model
+from carvana.models.unet1024 import UNet1024
+from carvana.training.classifier import CarvanaClassifier
+from carvana.training.callbacks import Callback
+from carvana.training.inference import InferenceCopy, fold_batchnorm
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine terms, so a wrong fold would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+    return model.eval()
+
+
+CONFIGS = {
+    "unet1024": ModelConfig(arch="unet1024", width=0.125, input_size=(64, 64)),
+    "unet-original": ModelConfig(arch="unet-original", width=0.0625, input_size=(36 + 184, 36 + 184)),
+    "linknet-resnet34": ModelConfig(arch="linknet", encoder="resnet34", encoder_weights="none", input_size=(64, 64)),
+    "unet-mobilenet_v2": ModelConfig(arch="unet", encoder="mobilenet_v2", encoder_weights="none", input_size=(64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_folded_copy_computes_the_same_logits_in_fp32(name):
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    model = randomise_batchnorm(build_model(config))
+    folded, count = fold_batchnorm(model)
+    assert count > 0
+    x = torch.randn(2, 3, *config.input_size)
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # The original keeps its BatchNorms (checkpoints are written from it).
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > sum(
+        isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_every_batchnorm_of_unet1024_folds():
+    model = UNet1024(width=0.125)
+    folded, count = fold_batchnorm(model)
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+class BnBeforeConv(nn.Module):
+    """Defines conv before bn but applies bn first: folding by definition order would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x))
+
+
+class ReversedSequential(nn.Sequential):
+    """A Sequential subclass with its own forward: its child order proves nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in reversed(self):
+            x = module(x)
+        return x
+
+
+@pytest.mark.parametrize("make", [BnBeforeConv, lambda: ReversedSequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))],
+                         ids=["declared-order", "sequential-subclass"])
+def test_pairs_that_are_not_provably_adjacent_are_left_alone(make):
+    model = randomise_batchnorm(make())
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_the_copy_is_reused_until_the_weights_change_then_rebuilt():
+    torch.manual_seed(0)
+    model = UNet1024(width=0.125)
+    cache = InferenceCopy(None, torch.contiguous_format)
+    first = cache.get(model)
+    assert cache.get(model) is first  # unchanged weights: no rebuild
+    x = torch.randn(2, 3, 128, 128)  # train-mode BatchNorm needs > 1 value per channel at 1/64
+    before = cache.forward(model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(x).mean().backward()
+    optimizer.step()  # in place: the version counters move
+    model.eval()
+    assert cache.get(model) is not first
+    with torch.no_grad():
+        assert torch.allclose(cache.forward(model, x), model(x), atol=1e-4)
+    assert not torch.allclose(cache.forward(model, x), before)
+    other = UNet1024(width=0.125)
+    model.load_state_dict(other.state_dict())  # resume / checkpoint load: rebuilt too
+    with torch.no_grad():
+        assert torch.allclose(cache.forward(model, x), other.eval()(x), atol=1e-4)
+
+
+def test_bf16_copy_keeps_the_model_fp32_and_returns_fp32_close_to_it():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(UNet1024(width=0.125))
+    cache = InferenceCopy(torch.bfloat16, torch.channels_last)
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x))
+        got = torch.sigmoid(cache.forward(model, x))
+    assert got.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert next(cache.get(model).parameters()).dtype == torch.bfloat16
+    assert (got - expected).abs().max() < 0.05  # bf16 rounding, as under autocast
+
+
+class Collect(Callback):
+    def __init__(self) -> None:
+        self.probs: list[torch.Tensor] = []
+
+    def on_predict_batch_end(self, trainer, names, probs) -> None:
+        self.probs.append(probs)
+
+
+def test_classifier_predicts_on_the_cpu_through_the_folded_copy():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(UNet1024(width=0.125))
+    clf = CarvanaClassifier(model, epochs=1, device="cpu", amp=False, progress=False)
+    assert clf.inference is not None
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    collect = Collect()
+    clf.predict([{"image": images, "name": ["a", "b"]}], [collect])
+    built = clf.inference.get(clf.model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in built.modules())  # the folded copy ran
+    with torch.no_grad():
+        expected = torch.sigmoid(clf.model.eval()(clf._images_to_device(images)))[:, 0]
+    assert torch.allclose(collect.probs[0], expected, atol=1e-5)
