@@ -14,7 +14,9 @@ no-op callback) on synthetic uint8 batches like the loader's, for each variant:
                 weights re-cast each forward): the pipeline before training/inference.py
 
 Every variant but ``fp32`` and ``-ac`` infers through the classifier's folded, cast copy
-(``training/inference.py``); training is the same loop for all.
+(``training/inference.py``). Since that change CPU *training* is NCHW whatever the variant
+(channels_last measured slower for it, see ``training/precision.py``): ``-cl`` selects the
+inference copy's memory format only, so training rates differ only by precision.
 
 Variants are interleaved round by round (the order rotates each round) at every input
 size, and the figures are **medians of per-round ratios** against fp32 of the same round,

@@ -29,8 +29,10 @@ def test_bf16_only_where_the_cpu_has_it_and_never_with_no_amp(monkeypatch):
     monkeypatch.setattr(P, "cpu_bf16_flags", lambda: [])
     emulated = P.choose_precision(CPU, amp=True)
     assert (emulated.dtype, emulated.name) == (None, "fp32") and "without native bf16" in emulated.reason
-    # channels_last on the CPU (measured faster there), unless --no-channels-last.
-    assert P.use_channels_last(CPU, True) and not P.use_channels_last(CPU, False)
+    # On the CPU channels_last for inference only (measured faster there, slower for training),
+    # unless --no-channels-last.
+    assert P.use_channels_last(CPU, True, inference=True) and not P.use_channels_last(CPU, False, inference=True)
+    assert not P.use_channels_last(CPU, True)
 
 
 def make(monkeypatch, amp, native=True, epochs=2):
@@ -54,7 +56,8 @@ class LossSpy:
 def test_bf16_training_computes_the_loss_in_fp32_and_saves_fp32_weights_that_predict_in_fp32(monkeypatch, tmp_path):
     train, valid = synthetic_batches(3, seed=1), synthetic_batches(1, seed=2)
     clf = make(monkeypatch, amp=True)
-    assert clf.amp_dtype == torch.bfloat16 and clf.channels_last
+    assert clf.amp_dtype == torch.bfloat16 and not clf.channels_last  # CPU training: NCHW
+    assert clf.inference.memory_format == torch.channels_last and clf.inference.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=clf.amp_dtype):  # the model does run in bf16 under it
         assert clf.model(train[0]["image"]).dtype == torch.bfloat16
     spy = clf.loss_fn = LossSpy(clf.loss_fn)

@@ -8,9 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from carvana import segment
+from carvana.models.unet_original import mirror_pad
 from carvana.photos import Box, fit_box, probabilities_to_mask, read_photo, to_network_input
 from carvana.training.checkpoint import load_model
 from segment_helpers import bright, tiny_unet, use_bright_archs
@@ -106,6 +108,19 @@ def test_fit_box_letterboxes_centred_and_keeps_aspect():
     assert fit_box((517, 333), (64, 96), "stretch") == Box(0, 0, 64, 96)
     out, box = to_network_input(np.full((517, 333, 3), 9, np.uint8), (72, 104), margin=4)
     assert out.shape == (72, 104, 3) and box == Box(0, 27, 64, 41) and (out == 9).all()  # edge-replicated padding
+
+
+def test_valid_convolution_margin_is_mirrored_as_in_training():
+    # A photo already at the output grid's size (no resize): the network input must be the
+    # training path's mirror padding of it, edge not repeated, even where the margin exceeds
+    # the side (mirrored in rounds).
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out, box = to_network_input(photo, (20 + 2 * 24, 30 + 2 * 24), margin=24, fit="stretch")
+    expected = mirror_pad(torch.from_numpy(photo).permute(2, 0, 1)[None].float(), 24)[0].permute(1, 2, 0)
+    assert box == Box(0, 0, 20, 30)
+    assert np.array_equal(out, expected.to(torch.uint8).numpy())
+    assert np.array_equal(out[24, 23], photo[0, 1])  # mirrored, not the edge pixel repeated
 
 
 def test_exif_orientation_is_applied(tmp_path, unet_ckpt):

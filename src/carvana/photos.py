@@ -23,7 +23,10 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageColor, ImageOps
+
+from carvana.models.unet_original import mirror_pad
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FITS = ("letterbox", "stretch")
@@ -130,17 +133,21 @@ def to_network_input(rgb: np.ndarray, input_hw: tuple[int, int], margin: int = 0
     """Resize ``rgb`` into an (H, W, 3) uint8 network input; return it and the photo's box.
 
     ``margin``: pixels a valid-convolution network loses per side; the photo is fitted into
-    the output grid (H - 2m, W - 2m) and the input padded by ``margin`` around it, so the
-    output aligns with the box. Padding repeats edge pixels.
+    the output grid (H - 2m, W - 2m), so the output aligns with the box. The letterbox bands
+    repeat the photo's edge pixels; the margin then mirrors the whole grid outwards (edge not
+    repeated), exactly as training feeds such a network (``models.unet_original.mirror_pad``).
     """
     h, w = input_hw
-    grid = (h - 2 * margin, w - 2 * margin)
-    box = fit_box(rgb.shape[:2], grid, fit)
+    gh, gw = h - 2 * margin, w - 2 * margin
+    box = fit_box(rgb.shape[:2], (gh, gw), fit)
     shrink = rgb.shape[0] >= 2 * box.height or rgb.shape[1] >= 2 * box.width
     resized = cv2.resize(rgb, (box.width, box.height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    top, left = box.top + margin, box.left + margin
-    out = cv2.copyMakeBorder(resized, top, h - top - box.height, left, w - left - box.width, cv2.BORDER_REPLICATE)
-    return out, box
+    out = cv2.copyMakeBorder(resized, box.top, gh - box.top - box.height, box.left, gw - box.left - box.width,
+                             cv2.BORDER_REPLICATE)
+    if margin:
+        grid = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)[None].float()
+        out = mirror_pad(grid, margin)[0].permute(1, 2, 0).to(torch.uint8).numpy()  # copies values: exact
+    return np.ascontiguousarray(out), box
 
 
 def probabilities_to_mask(prob: np.ndarray, box: Box, photo_hw: tuple[int, int], threshold: float) -> np.ndarray:

@@ -37,6 +37,8 @@ from carvana.models.registry import ModelConfig, arch_spec
 from carvana.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
                             probabilities_to_mask, read_photo, to_network_input, write_outputs)
 from carvana.training.checkpoint import CheckpointError, load_model
+from carvana.training.inference import InferenceCopy
+from carvana.training.precision import choose_precision
 
 MAX_EXIT_STATUS = 125  # above this, shells give exit statuses other meanings
 
@@ -49,8 +51,9 @@ class Segmenter:
     """A loaded model and everything needed to turn photos into probabilities.
 
     Normalisation comes from the checkpoint's :class:`ModelConfig` (uint8 RGB scale), the
-    input size too; on CUDA the forward runs under autocast (bf16 where supported, else fp16)
-    in channels_last, as in training.
+    input size too. On CUDA the forward runs under autocast (bf16 where supported, else fp16) in
+    channels_last, as in training; on the CPU through the classifier's inference copy
+    (BatchNorm folded, channels_last, bf16 weights where the CPU has native bf16 and ``amp``).
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: str = "auto", threshold: float = 0.5,
@@ -65,13 +68,24 @@ class Segmenter:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp and cuda else None
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.memory_format = torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+        self.model = model.to(self.device).eval()  # the CPU copy below has its own memory format
+        if cuda:
+            self.model = self.model.to(memory_format=self.memory_format)
+        self.inference = (InferenceCopy(choose_precision(self.device, amp).dtype, self.memory_format)
+                          if self.device.type == "cpu" else None)
         self.config, self.threshold, self.tta, self.fit = config, threshold, tta, fit
         self.input_hw = tuple(config.input_size)
         self.margin = int(getattr(arch_spec(config.arch), "output_margin", 0))
         self.mean = torch.tensor(config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of normalised inputs (the CPU copy, or autocast on CUDA)."""
+        if self.inference is not None:
+            return self.inference.forward(self.model, x)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            return self.model(x).float()
 
     def prepare(self, rgb: np.ndarray):
         """A photo -> (uint8 (H, W, 3) network input, the photo's Box in the output grid)."""
@@ -82,11 +96,9 @@ class Segmenter:
         """uint8 (B, H, W, 3) inputs -> float32 (B, h, w) car probabilities on the CPU (hflip TTA if set)."""
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
         x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with autocast:
-            probs = torch.sigmoid(self.model(x).float())
-            if self.tta:  # as in CarvanaClassifier.predict: average with the mirrored prediction
-                probs = (probs + torch.sigmoid(self.model(x.flip(-1)).float()).flip(-1)) / 2
+        probs = torch.sigmoid(self._logits(x))
+        if self.tta:  # as in CarvanaClassifier.predict: average with the mirrored prediction
+            probs = (probs + torch.sigmoid(self._logits(x.flip(-1))).flip(-1)) / 2
         expected = (self.input_hw[0] - 2 * self.margin, self.input_hw[1] - 2 * self.margin)
         if tuple(probs.shape[-2:]) != expected:
             raise SegmentError(f"{self.config.arch} returned {tuple(probs.shape[-2:])} maps for {self.input_hw} "
@@ -237,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="photos per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads reading and threads writing images")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:1")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 everywhere (default: bf16/fp16 autocast on CUDA, bf16 weights on CPUs with native bf16)")
     p.add_argument("--overwrite", action="store_true", help="redo photos whose outputs already exist")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p

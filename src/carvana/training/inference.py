@@ -102,4 +102,4 @@ class InferenceCopy:
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits of ``model`` (eval mode) for fp32 ``images``, through the copy."""
-        return self.get(model)(images.to(self.dtype)).float()
+        return self.get(model)(images.to(self.dtype).contiguous(memory_format=self.memory_format)).float()

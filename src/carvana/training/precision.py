@@ -5,7 +5,8 @@
   which oneDNN uses for convolutions); fp32 elsewhere, because emulated bf16 is slower than
   fp32. The decision is a capability check, not a timed probe: a probe on a shared machine
   could pick differently from one run to the next, and the precision changes the numbers.
-  channels_last on the CPU too, fp32 and bf16 alike: measured faster there (bench/cpu_amp.py).
+  channels_last on the CPU for inference only: measured faster there, slower for training
+  (bench/cpu_amp.py; see use_channels_last).
 
 ``--no-amp`` (``amp=False``) forces fp32 everywhere. Autocast only changes the dtype of
 activations: parameters, gradients, optimiser state and therefore checkpoints stay fp32.
@@ -74,12 +75,17 @@ def choose_precision(device: torch.device, amp: bool) -> Precision:
     return Precision(None, "fp32", f"no mixed precision on {device.type}")
 
 
-def use_channels_last(device: torch.device, requested: bool) -> bool:
-    """channels_last where it was measured faster: CUDA, and the CPU (oneDNN's native layout).
+def use_channels_last(device: torch.device, requested: bool, inference: bool = False) -> bool:
+    """channels_last where it was measured faster: CUDA (training and inference) and CPU inference.
 
-    On this project's 2-core Xeon (bench/cpu_amp.py, one thread, CPU time, UNet1024 width
-    0.25, batch 4) channels_last beat NCHW in every case: fp32 training 1.24-1.36x,
-    inference 1.26-1.33x; bf16 inference ~1.35x (NCHW bf16 max-pool, upsample and layout
-    reorders are slow), bf16 training within the noise. ``--no-channels-last`` turns it off.
+    On this project's 2-core Xeon with AMX-bf16 (bench/cpu_amp.py, torch's 2 threads, wall
+    clock, idle, UNet1024 width 0.25, batch 4) channels_last made CPU *training* slower in every
+    precision: bf16 1.78-2.12x fp32 NCHW in NCHW, but 0.76-0.81x in channels_last; fp32
+    0.79-0.82x. CPU *inference* through the folded copy (training/inference.py) is faster in
+    channels_last: bf16 1.71-2.13x fp32 NCHW, against 1.27-1.43x in NCHW. (An earlier
+    one-thread CPU-time measurement under heavy load had favoured channels_last for training
+    too; the two-thread wall clock is what a run sees.) ``--no-channels-last`` turns it off.
     """
-    return requested and device.type in ("cuda", "cpu")
+    if not requested:
+        return False
+    return device.type == "cuda" or (inference and device.type == "cpu")
