@@ -1,3 +1,4 @@
+import csv
 import pytest
 
 from carvana.training.callbacks import HOOKS, Callback, CallbackList
@@ -47,3 +48,23 @@ def test_list_dispatches_in_order_and_rejects_non_callbacks():
     assert a.calls == b.calls == ["on_train_start", "on_epoch_end"]
     with pytest.raises(TypeError):
         CallbackList([object()])
+
+
+def test_csv_logger_replaces_re_trained_epochs_and_starts_fresh_over_an_old_run(tmp_path):
+    from carvana.training.logging_callbacks import CSVLogger
+
+    def epochs_and_losses():
+        with open(tmp_path / "metrics.csv", newline="") as f:
+            return [(r["epoch"], r["train_loss"]) for r in csv.DictReader(f)]
+
+    logger = CSVLogger(tmp_path)
+    for epoch in range(3):
+        logger.on_epoch_end(None, epoch, {"epoch": epoch, "train_loss": 1.0 + epoch, "lr": 0.1}, None)
+    assert epochs_and_losses() == [("0", "1.0"), ("1", "2.0"), ("2", "3.0")]
+    # A resume from epoch 1's checkpoint re-trains epoch 2 onwards: epoch 2's row is replaced, not doubled.
+    logger.on_epoch_end(None, 2, {"epoch": 2, "train_loss": 9.0}, None)
+    assert epochs_and_losses() == [("0", "1.0"), ("1", "2.0"), ("2", "9.0")]
+    # A fresh run under the same name: its first epoch starts a new table.
+    CSVLogger(tmp_path).on_epoch_end(None, 0, {"epoch": 0, "train_loss": 5.0}, None)
+    assert epochs_and_losses() == [("0", "5.0")]
+    assert not (tmp_path / "metrics.csv.tmp").exists()

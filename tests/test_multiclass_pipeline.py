@@ -100,3 +100,14 @@ def test_dataset_flags_give_one_clear_line(tmp_path):
     assert result.returncode == 1 and "needs --classes N" in result.stderr
     result = run_main(tmp_path, "--dataset", "folder", "--classes", "2", "--data-dir", str(data), "--epochs", "1", *TINY)
     assert result.returncode == 1 and "class id 2 in mask, but --classes is 2" in result.stderr
+
+
+def test_time_budget_stops_a_multiclass_run_and_logs_have_no_progress_bars(tmp_path):
+    data = make_folder(tmp_path / "shapes")
+    # A budget far below one epoch: the first epoch stops early, is validated, and the run ends.
+    result = run_main(tmp_path, "--dataset", "folder", "--classes", "3", "--data-dir", str(data), "--epochs", "50",
+                      "--time-budget", "0.0001", "--run-name", "tb", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "tb" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["0"]
+    assert "\r" not in result.stdout + result.stderr  # not a terminal: no tqdm bars in the log

@@ -109,7 +109,8 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     input_hw = output_size(config)  # data size; unet-original's input adds its margin
     task = MultiClassTask(classes, data.class_names, hp.ce_weight, hp.dice_weight, _floats(hp.class_weights, "class-weights"))
     classifier = CarvanaClassifier(
-        build_model(config), model_config=config, task=task, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+        build_model(config), model_config=config, task=task, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
         weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
         channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
     )

@@ -206,7 +206,8 @@ class EnsemblePredictor:
         cbs = CallbackList(callbacks)
         cbs.on_predict_start(self)
         try:
-            for batch in tqdm(loader, desc=f"predict x{len(self.members)}", disable=not self.progress, dynamic_ncols=True):
+            for batch in tqdm(loader, desc=f"predict x{len(self.members)}", dynamic_ncols=True,
+                              disable=None if self.progress else True):  # None: no bar when not a terminal
                 cbs.on_predict_batch_end(self, list(batch["name"]), self.average(batch, tta))
         except BaseException as exc:
             cbs.on_exception(self, exc)

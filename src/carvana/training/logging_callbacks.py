@@ -57,7 +57,12 @@ class ConsoleLogger(Callback):
 
 
 class CSVLogger(Callback):
-    """Appends one row per epoch to ``<log_dir>/metrics.csv`` (header written once)."""
+    """One row per epoch in ``<log_dir>/metrics.csv``, rewritten atomically each epoch.
+
+    Rows of this epoch and later are dropped first: a resumed run replaces the epochs it
+    re-trains, and a fresh run under an existing ``--run-name`` (whose checkpoints it
+    overwrites) starts a fresh table rather than appending to the old run's.
+    """
 
     def __init__(self, log_dir: Path, columns: tuple[str, ...] = METRIC_COLUMNS) -> None:
         self.path = Path(log_dir) / "metrics.csv"
@@ -67,12 +72,25 @@ class CSVLogger(Callback):
         if not dist.is_main_process():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow({k: metrics.get(k, "") for k in self.columns})
+        rows = []
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if _epoch_of(r) < epoch]
+        rows.append({k: metrics.get(k, "") for k in self.columns})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+def _epoch_of(row: dict[str, str]) -> float:
+    """A metrics.csv row's epoch; rows without a readable one sort last (dropped on rewrite)."""
+    try:
+        return float(row.get("epoch") or "inf")
+    except ValueError:
+        return float("inf")
 
 
 class PreviewLogger(Callback):

@@ -166,7 +166,7 @@ class MultiClassTask:
         trainer.eval_net.eval()
         cm = np.zeros((self.classes, self.classes), dtype=np.int64)
         loss_sum, count, preview = 0.0, 0, None
-        bar = tqdm(loader, desc="valid", leave=False, disable=not trainer.progress, dynamic_ncols=True)
+        bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)  # none in logs
         for batch in bar:
             images = trainer._images_to_device(batch["image"])
             masks = self.target_to_device(batch["mask"], trainer.device)
