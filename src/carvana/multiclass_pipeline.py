@@ -22,12 +22,12 @@ from carvana.data.multiclass import SegmentationDataset, collate_segmentation, l
 from carvana.data.palette import label_grid
 from carvana.models.registry import ModelConfig, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
-from carvana.pipeline import LOGS_DIR, MODELS_DIR, StageTimer, make_train_loader, resolve_run, seed_everything, write_json
+from carvana.pipeline import (LOGS_DIR, MODELS_DIR, StageTimer, classifier_from_settings, make_train_loader, resolve_run,
+                              seed_everything, write_json)
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint, model_config_of
-from carvana.training.classifier import CarvanaClassifier
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
 from carvana.training.multiclass import MULTICLASS_COLUMNS, MultiClassTask, PerClassTableLogger
 
@@ -108,12 +108,7 @@ def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
     config = model_config_for(hp, classes, input_hw)
     input_hw = output_size(config)  # data size; unet-original's input adds its margin
     task = MultiClassTask(classes, data.class_names, hp.ce_weight, hp.dice_weight, _floats(hp.class_weights, "class-weights"))
-    classifier = CarvanaClassifier(
-        build_model(config), model_config=config, task=task, freeze_encoder_epochs=hp.freeze_encoder_epochs,
-        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
-        weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
-        channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
-    )
+    classifier = classifier_from_settings(hp, build_model(config), config, device, task=task)
     pin = classifier.device.type == "cuda"
     last_path = models_dir / "last.pt"
     if hp.resume and last_path.exists():

@@ -202,15 +202,8 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
         input_hw, loaded = output_size(model_config), True
         if main_process:
             print(f"model: {model_config.describe()} from {weights}")
-    classifier = CarvanaClassifier(
-        model, model_config=model_config, freeze_encoder_epochs=hp.freeze_encoder_epochs,
-        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer, weight_decay=hp.weight_decay,
-        scheduler=hp.scheduler, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight, threshold=hp.threshold,
-        grad_clip=hp.grad_clip, device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile,
-        sync_batchnorm=hp.sync_batchnorm,
-        loss_fn=BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
-                            boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice),
-    )
+    classifier = classifier_from_settings(hp, model, model_config, device, threshold=hp.threshold,
+                                          loss_fn=binary_loss(hp))
     if main_process:  # the classifier decided the precision (training/precision.py): say it, add it to the record
         print(classifier.precision.describe())
         write_json(log_dir / ("hparams.json" if hp.train else "predict_hparams.json"),
@@ -283,20 +276,33 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     return 0 if not summary or summary["valid_submission"] else 1
 
 
+def classifier_from_settings(hp: SimpleNamespace, model: torch.nn.Module, model_config: ModelConfig, device: str,
+                             **task_specific: Any) -> CarvanaClassifier:
+    """A CarvanaClassifier with the training settings every pipeline shares (binary, folds,
+    multi-class), in one place so a setting cannot reach one pipeline and miss another, as
+    --time-budget once missed the multi-class one; ``task_specific`` adds the rest."""
+    return CarvanaClassifier(
+        model, model_config=model_config, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+        weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
+        channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm, **task_specific,
+    )
+
+
+def binary_loss(hp: SimpleNamespace) -> BCEDiceLoss:
+    """The binary path's BCE + Dice loss, boundary-weighted as the settings say."""
+    return BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
+                       boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice)
+
+
 def train_fold(hp: SimpleNamespace, device: str, input_hw: tuple[int, int], models_dir: Path, log_dir: Path,
                train_images: list[Path], train_masks: list[Path], valid_images: list[Path], valid_masks: list[Path],
                run: str) -> CarvanaClassifier:
     """One fold of --folds K: build the model from the settings, resume its last.pt with --resume, train."""
     model_config = make_config(hp.arch, hp.width, 1, input_hw, hp.encoder, hp.encoder_weights)
     fresh = not (hp.resume and (models_dir / "last.pt").exists())
-    classifier = CarvanaClassifier(
-        build_model(model_config, pretrained=fresh), model_config=model_config, freeze_encoder_epochs=hp.freeze_encoder_epochs,
-        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
-        weight_decay=hp.weight_decay, scheduler=hp.scheduler, threshold=hp.threshold, grad_clip=hp.grad_clip,
-        device=device, amp=hp.amp, channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
-        loss_fn=BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
-                            boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice),
-    )
+    classifier = classifier_from_settings(hp, build_model(model_config, pretrained=fresh), model_config, device,
+                                          threshold=hp.threshold, loss_fn=binary_loss(hp))
     pin = classifier.device.type == "cuda"
     last_path = models_dir / "last.pt"
     if hp.resume and last_path.exists():

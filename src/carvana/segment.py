@@ -37,8 +37,8 @@ from carvana.models.registry import ModelConfig, arch_spec
 from carvana.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
                             probabilities_to_mask, read_photo, to_network_input, write_outputs)
 from carvana.training.checkpoint import CheckpointError, load_model
-from carvana.training.inference import InferenceCopy
-from carvana.training.precision import choose_precision
+from carvana.training.inference import cpu_inference_copy
+from carvana.training.precision import choose_precision, use_channels_last
 
 MAX_EXIT_STATUS = 125  # above this, shells give exit statuses other meanings
 
@@ -67,13 +67,15 @@ class Segmenter:
             raise SegmentError(f"fit must be one of {FITS}, got {fit!r}")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp and cuda else None
-        self.memory_format = torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+        # The classifier's choices: precision by device and --amp, channels_last for inference.
+        precision = choose_precision(self.device, amp).dtype
+        self.amp_dtype = precision if cuda else None
+        inference_cl = use_channels_last(self.device, True, inference=True)
+        self.memory_format = torch.channels_last if inference_cl else torch.contiguous_format
         self.model = model.to(self.device).eval()  # the CPU copy below has its own memory format
         if cuda:
             self.model = self.model.to(memory_format=self.memory_format)
-        self.inference = (InferenceCopy(choose_precision(self.device, amp).dtype, self.memory_format)
-                          if self.device.type == "cpu" else None)
+        self.inference = cpu_inference_copy(self.device, precision, channels_last=True)
         self.config, self.threshold, self.tta, self.fit = config, threshold, tta, fit
         self.input_hw = tuple(config.input_size)
         self.margin = int(getattr(arch_spec(config.arch), "output_margin", 0))

@@ -27,7 +27,7 @@ from carvana.training.losses import BCEDiceLoss, competition_dice
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
-from carvana.training.inference import InferenceCopy
+from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
 
 
@@ -84,9 +84,7 @@ class CarvanaClassifier:
         # CPU validation and prediction run a copy with BatchNorm folded into the convolutions
         # and weights cast once to the run's precision (training/inference.py), channels_last
         # unless --no-channels-last (faster for CPU inference, slower for CPU training).
-        self.inference = (InferenceCopy(self.amp_dtype, torch.channels_last if use_channels_last(
-            self.device, channels_last, inference=True) else torch.contiguous_format)
-            if self.device.type == "cpu" else None)
+        self.inference = cpu_inference_copy(self.device, self.amp_dtype, channels_last)
         # A task object (training.multiclass.MultiClassTask) takes over targets, loss, activation
         # and validation metrics for N >= 2 classes; None is the binary Carvana path below.
         self.task = task

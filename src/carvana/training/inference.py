@@ -4,8 +4,9 @@ Why: under CPU autocast every forward re-casts each fp32 weight to bf16 and runs
 BatchNorm as a separate pass over its activation map. For inference both are waste: in
 eval mode BatchNorm is an affine map per channel that folds exactly into the preceding
 convolution's weight and bias, and the weights can be cast once. On the project's 2-core
-Xeon (AMX-bf16) that took UNet1024 width 0.25 inference from ~2.1x to ~3x fp32's rate
-(bench/cpu_amp.py records the figures). Results differ from autocast by bf16 rounding only.
+Xeon (AMX-bf16) that took UNet1024 width 0.25 inference from 1.25x to 1.62x fp32's rate at
+128x192 and from 1.37x to 2.09x at 256x384 (bench/README.md, bench/cpu_amp.py). Results
+differ from autocast by bf16 rounding only.
 
 The copy is made from the live model and rebuilt whenever one of its parameters or buffers
 changed (torch's in-place version counters move with every optimiser step, ``copy_`` and
@@ -21,6 +22,8 @@ import itertools
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from carvana.training.precision import use_channels_last
 
 
 # Library classes whose forward applies bn directly to conv's output (their source says so),
@@ -103,3 +106,12 @@ class InferenceCopy:
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits of ``model`` (eval mode) for fp32 ``images``, through the copy."""
         return self.get(model)(images.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
+
+
+def cpu_inference_copy(device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> InferenceCopy | None:
+    """The eval copy for ``device``: on the CPU an InferenceCopy in ``dtype``, channels_last
+    unless ``channels_last`` is off; None elsewhere (CUDA runs the live model under autocast)."""
+    if device.type != "cpu":
+        return None
+    inference_cl = use_channels_last(device, channels_last, inference=True)
+    return InferenceCopy(dtype, torch.channels_last if inference_cl else torch.contiguous_format)
