@@ -90,27 +90,63 @@ def test_pairs_that_are_not_provably_adjacent_are_left_alone(make):
         assert torch.equal(folded(x), model(x))
 
 
-def test_the_copy_is_reused_until_the_weights_change_then_rebuilt():
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One SGD step in train mode: weights and BatchNorm running statistics move in place."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    model(x).float().mean().backward()
+    optimizer.step()
+    model.eval()
+
+
+def test_the_copy_is_reused_until_the_weights_change_then_refreshed():
     torch.manual_seed(0)
     model = UNet1024(width=0.125)
     cache = InferenceCopy(None, torch.contiguous_format)
     first = cache.get(model)
-    assert cache.get(model) is first  # unchanged weights: no rebuild
+    assert cache.get(model) is first  # unchanged weights: nothing redone
     x = torch.randn(2, 3, 128, 128)  # train-mode BatchNorm needs > 1 value per channel at 1/64
     before = cache.forward(model, x)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model.train()
-    model(x).mean().backward()
-    optimizer.step()  # in place: the version counters move
-    model.eval()
-    assert cache.get(model) is not first
+    train_step(model, x)  # in place: the version counters move
     with torch.no_grad():
         assert torch.allclose(cache.forward(model, x), model(x), atol=1e-4)
     assert not torch.allclose(cache.forward(model, x), before)
+    assert cache.get(model) is first  # same layout: refreshed in place, not rebuilt
     other = UNet1024(width=0.125)
-    model.load_state_dict(other.state_dict())  # resume / checkpoint load: rebuilt too
+    model.load_state_dict(other.state_dict())  # resume / checkpoint load: refreshed too
     with torch.no_grad():
         assert torch.allclose(cache.forward(model, x), other.eval()(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, memory_format", [(None, torch.contiguous_format), (torch.bfloat16, torch.channels_last)],
+                         ids=["fp32", "bf16-channels_last"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_refreshed_copy_is_bit_identical_to_a_new_one(name, dtype, memory_format):
+    """Folded and unfolded BatchNorms (running statistics too), casts and layouts all follow."""
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    model = randomise_batchnorm(build_model(config))
+    cache = InferenceCopy(dtype, memory_format)
+    cache.get(model)
+    x = torch.randn(2, 3, *config.input_size)
+    train_step(model, x)
+    with torch.no_grad():
+        refreshed = cache.forward(model, x)
+        fresh = InferenceCopy(dtype, memory_format).forward(model, x)
+    assert torch.equal(refreshed, fresh)
+
+
+def test_a_new_layout_rebuilds_the_copy():
+    torch.manual_seed(0)
+    model = UNet1024(width=0.125)
+    cache = InferenceCopy(None, torch.contiguous_format)
+    first = cache.get(model)
+    model.head = nn.Conv2d(model.head.in_channels, 2, 1)  # e.g. a new head for another task
+    assert cache.get(model) is not first
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert cache.forward(model, x).shape[1] == 2
+        assert torch.allclose(cache.forward(model, x), model.eval()(x), atol=1e-4)
 
 
 def test_bf16_copy_keeps_the_model_fp32_and_returns_fp32_close_to_it():
@@ -147,3 +183,19 @@ def test_classifier_predicts_on_the_cpu_through_the_folded_copy():
     with torch.no_grad():
         expected = torch.sigmoid(clf.model.eval()(clf._images_to_device(images)))[:, 0]
     assert torch.allclose(collect.probs[0], expected, atol=1e-5)
+
+
+def test_fixed_weights_checks_once_on_entry_and_again_after_exit():
+    torch.manual_seed(0)
+    model = UNet1024(width=0.125)
+    cache = InferenceCopy(None, torch.contiguous_format)
+    x = torch.randn(2, 3, 128, 128)
+    train_step(model, x)
+    with cache.fixed_weights(model):  # entry: the copy is brought up to date
+        with torch.no_grad():
+            assert torch.allclose(cache.forward(model, x), model(x), atol=1e-4)
+        stale = cache.forward(model, x)
+        train_step(model, x)  # breaks the promise on purpose: inside, nothing is re-checked
+        assert torch.equal(cache.forward(model, x), stale)
+    with torch.no_grad():  # outside again: every call checks
+        assert torch.allclose(cache.forward(model, x), model(x), atol=1e-4)

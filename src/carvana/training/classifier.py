@@ -8,10 +8,11 @@ thresholded masks are always computed in fp32 from the logits.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,6 +30,15 @@ from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
+
+
+def _fixed_weights(method: Callable) -> Callable:
+    """Runs an eval loop method inside ``self.fixed_weights()``."""
+    @functools.wraps(method)
+    def wrapper(self: "CarvanaClassifier", *args: Any, **kwargs: Any) -> Any:
+        with self.fixed_weights():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class CarvanaClassifier:
@@ -141,6 +151,11 @@ class CarvanaClassifier:
         with self._autocast():
             return self.eval_net(images).float()
 
+    def fixed_weights(self):
+        """Context for an eval loop: the weights don't change inside, so the CPU inference
+        copy checks them once on entry, not on every batch."""
+        return self.inference.fixed_weights(self.model) if self.inference is not None else nullcontext()
+
     def _images_to_device(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (or already normalised float) images -> normalised float32 on the device."""
         x = normalize_images(x.to(self.device, non_blocking=True), self.mean, self.std)
@@ -210,7 +225,8 @@ class CarvanaClassifier:
                                              "train_seconds": time.perf_counter() - start}
                 preview = None
                 if valid_loader is not None and self.task is not None:
-                    valid_metrics, preview = self.task.validate(self, valid_loader)
+                    with self.fixed_weights():
+                        valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
                 elif valid_loader is not None:
                     valid_loss, valid_dice, preview = self.validate(valid_loader)
@@ -296,6 +312,7 @@ class CarvanaClassifier:
             self.scheduler.step()
 
     @torch.no_grad()
+    @_fixed_weights
     def validate(self, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
         """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
         per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
@@ -327,6 +344,7 @@ class CarvanaClassifier:
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
+    @_fixed_weights
     def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
         """Run the model over ``loader``; each batch's probabilities go to the callbacks.
 

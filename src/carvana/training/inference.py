@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from carvana.training.precision import use_channels_last
 
@@ -53,23 +55,29 @@ def _foldable_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return list(KNOWN_FOLDABLE.get(f"{cls.__module__}.{cls.__qualname__}", getattr(cls, "FOLDABLE_CONV_BN", ())))
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """An eval-mode deep copy of ``model`` with each foldable BatchNorm2d merged into its
-    convolution (and replaced by ``nn.Identity``); returns (copy, number of BatchNorms folded).
-
-    BatchNorms that cannot be proven to follow a convolution directly stay as they are.
-    """
+def _fold(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str, str]]]:
+    """``fold_batchnorm``'s work; also returns where it folded: (module path, conv, bn) names."""
     folded = copy.deepcopy(model).eval()
-    count = 0
-    for module in list(folded.modules()):
+    where = []
+    for path, module in list(folded.named_modules()):
         for conv_name, bn_name in _foldable_pairs(module):
             conv, bn = getattr(module, conv_name), getattr(module, bn_name)
             if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or not bn.track_running_stats:
                 continue
             setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
             setattr(module, bn_name, nn.Identity())
-            count += 1
-    return folded, count
+            where.append((path, conv_name, bn_name))
+    return folded, where
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """An eval-mode deep copy of ``model`` with each foldable BatchNorm2d merged into its
+    convolution (and replaced by ``nn.Identity``); returns (copy, number of BatchNorms folded).
+
+    BatchNorms that cannot be proven to follow a convolution directly stay as they are.
+    """
+    folded, where = _fold(model)
+    return folded, len(where)
 
 
 def weights_stamp(model: nn.Module) -> tuple:
@@ -78,11 +86,26 @@ def weights_stamp(model: nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _structure(model: nn.Module) -> tuple:
+    """What the copy's layout depends on: module names and types, tensor names, shapes, dtypes."""
+    return (tuple((name, type(m)) for name, m in model.named_modules()),
+            tuple((name, t.shape, t.dtype) for name, t in itertools.chain(model.named_parameters(),
+                                                                           model.named_buffers())))
+
+
+def _prefix(path: str, name: str) -> str:
+    return f"{path}.{name}." if path else f"{name}."
+
+
 class InferenceCopy:
     """A cached, folded, cast copy of a model for eval-mode forwards on the CPU.
 
     ``dtype`` is the precision the copy runs in (bf16 where the CPU has it natively and
     ``--amp`` is on, else fp32); inputs are cast to it and outputs back to fp32 by the caller.
+    When the weights change but the model's layout does not (every optimiser step between
+    two validations), the copy's tensors are refreshed in place, the folds recomputed with
+    the same ``fuse_conv_bn_weights`` as the first build: ~1 ms for UNet1024 width 0.25
+    instead of ~22 ms for a new deep copy, fold and cast, which mattered at small inputs.
     """
 
     def __init__(self, dtype: torch.dtype | None, memory_format: torch.memory_format) -> None:
@@ -90,18 +113,62 @@ class InferenceCopy:
         self.memory_format = memory_format
         self._net: nn.Module | None = None
         self._stamp: tuple | None = None
+        self._structure: tuple | None = None
+        self._folds: list[tuple[str, str, str, nn.Conv2d]] = []  # (path, conv, bn, the copy's conv)
+        self._plain: list[tuple[str, torch.Tensor]] = []  # the copy's other tensors, by live name
+        self._fixed = 0  # > 0 inside fixed_weights(): get() skips the per-call weights check
+
+    def _build(self, model: nn.Module) -> None:
+        folded, where = _fold(model)
+        self._net = folded.to(dtype=self.dtype, memory_format=self.memory_format)
+        for p in self._net.parameters():
+            p.grad = None  # no training gradients in an inference copy
+            p.requires_grad_(False)
+        self._folds = [(path, c, b, self._net.get_submodule(path).get_submodule(c)) for path, c, b in where]
+        fused = tuple(_prefix(path, c) for path, c, _ in where)
+        self._plain = [(name, t) for name, t in itertools.chain(self._net.named_parameters(), self._net.named_buffers())
+                       if not name.startswith(fused)]
+
+    @torch.no_grad()
+    def _refresh(self, model: nn.Module) -> None:
+        live = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+        for name, dst in self._plain:
+            dst.copy_(live[name])  # copy_ casts to the copy's dtype and keeps its memory format
+        for path, conv_name, bn_name, dst in self._folds:
+            owner = model.get_submodule(path)
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                bn.eps, bn.weight, bn.bias)
+            dst.weight.copy_(weight)
+            dst.bias.copy_(bias)
 
     def get(self, model: nn.Module) -> nn.Module:
-        """The copy of ``model``'s current weights (rebuilt only when they changed)."""
+        """The copy of ``model``'s current weights (refreshed only when they changed)."""
+        if self._fixed and self._net is not None:
+            return self._net
         stamp = weights_stamp(model)
-        if self._net is None or stamp != self._stamp:
-            folded, _ = fold_batchnorm(model)
-            self._net = folded.to(dtype=self.dtype, memory_format=self.memory_format)
-            for p in self._net.parameters():
-                p.grad = None  # deepcopy brought the training gradients along
-                p.requires_grad_(False)
-            self._stamp = stamp
+        if self._net is not None and stamp == self._stamp:
+            return self._net
+        structure = _structure(model)
+        if self._net is None or structure != self._structure:
+            self._build(model)
+            self._structure = structure
+        else:
+            self._refresh(model)
+        self._stamp = stamp
         return self._net
+
+    @contextmanager
+    def fixed_weights(self, model: nn.Module) -> Iterator[None]:
+        """Inside, ``model``'s weights are taken as fixed (a validation or prediction loop):
+        checked once on entry instead of on every forward. Walking the model's tensors for
+        the check costs ~0.3 ms, ~3% of a UNet1024 width 0.25 forward at 128x192, batch 4."""
+        self.get(model)
+        self._fixed += 1
+        try:
+            yield
+        finally:
+            self._fixed -= 1
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits of ``model`` (eval mode) for fp32 ``images``, through the copy."""
