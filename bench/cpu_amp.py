@@ -14,7 +14,9 @@ no-op callback) on synthetic uint8 batches like the loader's, for each variant:
                 weights re-cast each forward): the pipeline before training/inference.py
 
 Every variant but ``fp32`` and ``-ac`` infers through the classifier's folded, cast copy
-(``training/inference.py``). Since that change CPU *training* is NCHW whatever the variant
+(``training/inference.py``); each inference block follows a training block, so its time
+includes bringing that copy up to date with the new weights, once, as a validation after an
+epoch does. Since that change CPU *training* is NCHW whatever the variant
 (channels_last measured slower for it, see ``training/precision.py``): ``-cl`` selects the
 inference copy's memory format only, so training rates differ only by precision.
 

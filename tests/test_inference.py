@@ -12,7 +12,7 @@ from carvana.models.registry import ModelConfig, build_model
 from carvana.models.unet1024 import UNet1024
 from carvana.training.classifier import CarvanaClassifier
 from carvana.training.callbacks import Callback
-from carvana.training.inference import InferenceCopy, fold_batchnorm
+from carvana.training.inference import InferenceCopy, MaxPool2x2, fold_batchnorm, replace_max_pools
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -199,3 +199,44 @@ def test_fixed_weights_checks_once_on_entry_and_again_after_exit():
         assert torch.equal(cache.forward(model, x), stale)
     with torch.no_grad():  # outside again: every call checks
         assert torch.allclose(cache.forward(model, x), model(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-cl"])
+@pytest.mark.parametrize("hw", [(8, 12), (7, 9), (3, 2)])
+def test_maxpool2x2_equals_max_pool2d_bit_for_bit(hw, dtype, channels_last):
+    x = torch.randn(2, 3, *hw).to(dtype)
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates through both
+    x[1, 1, 0, :2] = float("-inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.max_pool2d(x, 2, 2)
+    got = MaxPool2x2()(x)
+    assert got.shape == expected.shape and torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_maxpool2x2_on_a_map_too_small_raises_as_max_pool2d_does():
+    with pytest.raises(RuntimeError, match="too small"):
+        MaxPool2x2()(torch.randn(1, 3, 1, 5))
+
+
+def test_only_plain_2x2_pools_are_replaced():
+    model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d((2, 2), stride=(2, 2)), nn.MaxPool2d(3, 2, 1),
+                          nn.MaxPool2d(2, 2, ceil_mode=True), nn.MaxPool2d(2, 1))
+    assert replace_max_pools(model) == 2
+    assert [type(m).__name__ for m in model] == ["MaxPool2x2", "MaxPool2x2", "MaxPool2d", "MaxPool2d", "MaxPool2d"]
+
+
+@pytest.mark.parametrize("name", ["unet1024", "unet-original"])
+def test_the_inference_copy_with_its_pools_replaced_matches_the_model(name):
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    model = randomise_batchnorm(build_model(config))
+    cache = InferenceCopy(None, torch.contiguous_format)
+    net = cache.get(model)
+    assert any(isinstance(m, MaxPool2x2) for m in net.modules())
+    assert not any(isinstance(m, MaxPool2x2) for m in model.modules())  # the live model keeps its pools
+    x = torch.randn(2, 3, *config.input_size)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(cache.forward(model, x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -10,6 +10,7 @@ from carvana.models.unet1024 import (
     check_input_size,
     parse_input_size,
     scale_channels,
+    upsample_bilinear,
 )
 
 
@@ -140,3 +141,23 @@ def test_cpu_autocast_bfloat16() -> None:
     assert out.dtype == torch.bfloat16
     out.float().mean().backward()
     assert torch.isfinite(model.encoders[0].encode[0].conv.weight.grad).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("src, dst", [((8, 12), (16, 24)), ((5, 7), (10, 14)), ((16, 24), (16, 24))])
+def test_bf16_upsample_through_fp32_equals_torchs_bf16_kernel(src, dst, channels_last) -> None:
+    """upsample_bilinear's no-grad bf16 shortcut returns exactly what torch's bf16 kernel does."""
+    x = torch.randn(2, 6, *src).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.interpolate(x, size=dst, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        got = upsample_bilinear(x, dst)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_upsample_keeps_torchs_path_and_gradient_under_autograd() -> None:
+    x = torch.randn(1, 2, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    upsample_bilinear(x, (8, 8)).float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16

