@@ -6,8 +6,8 @@ BatchNorm as a separate pass over its activation map. For inference both are was
 eval mode BatchNorm is an affine map per channel that folds exactly into the preceding
 convolution's weight and bias, and the weights can be cast once; max_pool2d also computes
 indices that only a backward pass needs (``MaxPool2x2`` gives the same values). On the project's 2-core
-Xeon (AMX-bf16), UNet1024 width 0.25 inference went from 1.25x fp32's rate under autocast
-to 2.05-2.10x through this copy at 128x192, batch 4, and from 1.37x to 2.42-2.47x at 256x384
+Xeon (AMX-bf16), UNet1024 width 0.25 inference runs at 1.26x fp32's rate under autocast and
+at 2.31-2.44x through this copy at 128x192, batch 4; 1.49x and 2.91-2.94x at 256x384
 (bench/README.md, bench/cpu_amp.py). Results differ from autocast by bf16 rounding only.
 
 The copy is made from the live model and brought up to date whenever one of its parameters
