@@ -6,8 +6,9 @@
   multiclass        - N >= 2 classes: CE + Dice loss, confusion-matrix IoU/accuracy, the task the classifier delegates to
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
-  inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once
-  classifier        - CarvanaClassifier: the train / validate / predict loops
+  inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once, pools without indices
+  evaluation        - the binary validation and the prediction loop (functions of the trainer)
+  classifier        - CarvanaClassifier: the training loop; validate / predict delegate to evaluation
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
 
 Imports carvana.data and carvana.models only.

@@ -8,13 +8,11 @@ thresholded masks are always computed in fp32 from the logits.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -22,23 +20,14 @@ from tqdm import tqdm
 from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, encoder_of
 from carvana.models.unet_original import mirror_pad
 from carvana.training.callbacks import Callback, CallbackList, Preview
-from carvana.data.datasets import normalize_images, tensor_to_image
-from carvana.data.postprocess import crop_native
-from carvana.training.losses import BCEDiceLoss, competition_dice
+from carvana.training import evaluation
+from carvana.data.datasets import normalize_images
+from carvana.training.losses import BCEDiceLoss
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
-
-
-def _fixed_weights(method: Callable) -> Callable:
-    """Runs an eval loop method inside ``self.fixed_weights()``."""
-    @functools.wraps(method)
-    def wrapper(self: "CarvanaClassifier", *args: Any, **kwargs: Any) -> Any:
-        with self.fixed_weights():
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 class CarvanaClassifier:
@@ -311,63 +300,16 @@ class CarvanaClassifier:
         elif self.scheduler is not None:
             self.scheduler.step()
 
-    @torch.no_grad()
-    @_fixed_weights
     def validate(self, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
         """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
         per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
-        self.eval_net.eval()
-        loss_sum, dice_sum, count = 0.0, 0.0, 0
-        preview: Preview | None = None
-        bar = tqdm(loader, desc="valid", leave=False, disable=self._bar_off, dynamic_ncols=True)
-        for batch in bar:
-            images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
-            logits = self.eval_forward(images)
-            loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
-            probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
-            dice = competition_dice(probs, batch["full_mask"].numpy(), self.threshold)
-            dice_sum += float(dice.sum())
-            count += images.shape[0]
-            if self.progress:
-                bar.set_postfix(dice=f"{dice_sum / count:.4f}")
-            if preview is None and self.preview_count > 0:
-                k = self.preview_count
-                preview = Preview(
-                    images=np.stack([tensor_to_image(x) for x in batch["image"][:k]]),
-                    truths=batch["mask"][:k, 0].numpy() > 0.5,
-                    probs=probs[:k],
-                )
-        loss_sum, dice_sum, count = dist.all_reduce_sums(loss_sum, dice_sum, count)
-        if count == 0:
-            raise ValueError("the validation loader yielded no images")
-        return loss_sum / count, dice_sum / count, preview
+        return evaluation.validate_binary(self, loader)
 
     # ------------------------------------------------------------------ prediction
-    @torch.no_grad()
-    @_fixed_weights
     def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
         """Run the model over ``loader``; each batch's probabilities go to the callbacks.
 
         ``tta`` averages the probabilities of the image and its horizontal mirror.
         Images the loader could not read (ok=False) get an all-zero probability map.
         """
-        cbs = CallbackList(callbacks)
-        self.eval_net.eval()
-        cbs.on_predict_start(self)
-        try:
-            for batch in tqdm(loader, desc="predict", disable=self._bar_off, dynamic_ncols=True):
-                images = self._images_to_device(batch["image"])
-                activate = self.task.activate if self.task is not None else lambda z: torch.sigmoid(z.float())
-                probs = activate(self.eval_forward(images))
-                if tta:
-                    probs = (probs + activate(self.eval_forward(images.flip(-1))).flip(-1)) / 2
-                if self.task is None:
-                    probs = probs[:, 0]  # binary: (B, h, w); multi-class stays (B, C, h, w)
-                probs = crop_native(probs)  # native-resolution padding is cropped, never resampled
-                if "ok" in batch:
-                    probs[~batch["ok"].to(self.device)] = 0.0
-                cbs.on_predict_batch_end(self, list(batch["name"]), probs)
-        except BaseException as exc:
-            cbs.on_exception(self, exc)
-            raise
-        cbs.on_predict_end(self)
+        evaluation.predict(self, loader, callbacks, tta)

@@ -1,0 +1,81 @@
+"""The eval loops of CarvanaClassifier: binary validation (loss and the competition's Dice)
+and prediction to callbacks. Functions of the trainer, as the multi-class task's validation
+(training/multiclass.py) is; both run inside ``trainer.fixed_weights()``, so the CPU inference
+copy checks the weights once per call rather than once per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from carvana.data.datasets import tensor_to_image
+from carvana.data.postprocess import crop_native
+from carvana.training import distributed as dist
+from carvana.training.callbacks import Callback, CallbackList, Preview
+from carvana.training.losses import competition_dice
+
+
+@torch.no_grad()
+def validate_binary(trainer: Any, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
+    """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
+    per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
+    with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
+        trainer.eval_net.eval()
+        loss_sum, dice_sum, count = 0.0, 0.0, 0
+        preview: Preview | None = None
+        bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
+        for batch in bar:
+            images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
+            logits = trainer.eval_forward(images)
+            loss_sum += trainer.loss_fn(logits, masks).item() * images.shape[0]
+            probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
+            dice = competition_dice(probs, batch["full_mask"].numpy(), trainer.threshold)
+            dice_sum += float(dice.sum())
+            count += images.shape[0]
+            if trainer.progress:
+                bar.set_postfix(dice=f"{dice_sum / count:.4f}")
+            if preview is None and trainer.preview_count > 0:
+                k = trainer.preview_count
+                preview = Preview(
+                    images=np.stack([tensor_to_image(x) for x in batch["image"][:k]]),
+                    truths=batch["mask"][:k, 0].numpy() > 0.5,
+                    probs=probs[:k],
+                )
+        loss_sum, dice_sum, count = dist.all_reduce_sums(loss_sum, dice_sum, count)
+        if count == 0:
+            raise ValueError("the validation loader yielded no images")
+        return loss_sum / count, dice_sum / count, preview
+
+
+@torch.no_grad()
+def predict(trainer: Any, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
+    """Run the model over ``loader``; each batch's probabilities go to the callbacks.
+
+    ``tta`` averages the probabilities of the image and its horizontal mirror.
+    Images the loader could not read (ok=False) get an all-zero probability map.
+    """
+    with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
+        cbs = CallbackList(callbacks)
+        trainer.eval_net.eval()
+        cbs.on_predict_start(trainer)
+        try:
+            for batch in tqdm(loader, desc="predict", disable=trainer._bar_off, dynamic_ncols=True):
+                images = trainer._images_to_device(batch["image"])
+                activate = trainer.task.activate if trainer.task is not None else lambda z: torch.sigmoid(z.float())
+                probs = activate(trainer.eval_forward(images))
+                if tta:
+                    probs = (probs + activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
+                if trainer.task is None:
+                    probs = probs[:, 0]  # binary: (B, h, w); multi-class stays (B, C, h, w)
+                probs = crop_native(probs)  # native-resolution padding is cropped, never resampled
+                if "ok" in batch:
+                    probs[~batch["ok"].to(trainer.device)] = 0.0
+                cbs.on_predict_batch_end(trainer, list(batch["name"]), probs)
+        except BaseException as exc:
+            cbs.on_exception(trainer, exc)
+            raise
+        cbs.on_predict_end(trainer)
