@@ -118,7 +118,8 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> to
 
     A bf16 CPU tensor outside autograd (validation, prediction) is interpolated in fp32 and
     rounded back to bf16: the same values (torch's bf16 kernel computes in fp32 and rounds
-    once too; tests/test_model.py checks), 1.4-1.6x faster at full resolution on the 2-core Xeon.
+    once too; tests/test_model.py checks), up to 1.6x faster on the 2-core Xeon (the
+    full-resolution decoder; little at the smaller ones).
     Training keeps torch's own bf16 path and its gradient.
     """
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():

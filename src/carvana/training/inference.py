@@ -5,10 +5,11 @@ Why: under CPU autocast every forward re-casts each fp32 weight to bf16 and runs
 BatchNorm as a separate pass over its activation map. For inference both are waste: in
 eval mode BatchNorm is an affine map per channel that folds exactly into the preceding
 convolution's weight and bias, and the weights can be cast once; max_pool2d also computes
-indices that only a backward pass needs (``MaxPool2x2`` gives the same values). On the project's 2-core
-Xeon (AMX-bf16), UNet1024 width 0.25 inference runs at 1.26x fp32's rate under autocast and
-at 2.31-2.44x through this copy at 128x192, batch 4; 1.49x and 2.91-2.94x at 256x384
-(bench/README.md, bench/cpu_amp.py). Results differ from autocast by bf16 rounding only.
+indices that only a backward pass needs (``MaxPool2x2`` gives the same values). On the
+project's 2-core Xeon (AMX-bf16), UNet1024 width 0.25 inference runs at 1.26x fp32's rate
+under autocast and at 2.31-2.44x through this copy at 128x192, batch 4; 1.49x and
+2.91-2.94x at 256x384 (bench/README.md, bench/cpu_amp.py). Results differ from autocast by
+bf16 rounding only.
 
 The copy is made from the live model and brought up to date whenever one of its parameters
 or buffers changed (torch's in-place version counters move with every optimiser step,
@@ -88,8 +89,9 @@ class MaxPool2x2(nn.Module):
 
     The same values: max is exact, NaN propagates in both, odd trailing rows and columns are
     dropped as max_pool2d's floor mode does. Eval only (its gradient splits ties, max_pool2d's
-    does not), where it is 4-9x faster on the CPU than max_pool2d, which also computes indices:
-    at 128x192 pooling took ~13% of UNet1024 width 0.25's bf16 inference time.
+    does not). max_pool2d also computes indices; on the 2-core Xeon this is ~9x faster on a
+    full-resolution 6-channel bf16 map and 1.3-2x on the smaller ones, and pooling had taken
+    ~13% of UNet1024 width 0.25's bf16 inference time at 128x192.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +144,9 @@ class InferenceCopy:
     ``--amp`` is on, else fp32); inputs are cast to it and outputs back to fp32 by the caller.
     When the weights change but the model's layout does not (every optimiser step between
     two validations), the copy's tensors are refreshed in place, the folds recomputed with
-    the same ``fuse_conv_bn_weights`` as the first build: ~1 ms for UNet1024 width 0.25
-    instead of ~22 ms for a new deep copy, fold and cast, which mattered at small inputs.
+    the same ``fuse_conv_bn_weights`` as the first build (bit-identical to a new copy): ~4 ms
+    for UNet1024 width 0.25 instead of ~22 ms for a new deep copy, fold and cast, which
+    mattered at small inputs and short validation sets.
     """
 
     def __init__(self, dtype: torch.dtype | None, memory_format: torch.memory_format) -> None:
