@@ -214,8 +214,7 @@ class CarvanaClassifier:
                                              "train_seconds": time.perf_counter() - start}
                 preview = None
                 if valid_loader is not None and self.task is not None:
-                    with self.fixed_weights():
-                        valid_metrics, preview = self.task.validate(self, valid_loader)
+                    valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
                 elif valid_loader is not None:
                     valid_loss, valid_dice, preview = self.validate(valid_loader)

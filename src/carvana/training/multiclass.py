@@ -167,24 +167,25 @@ class MultiClassTask:
         cm = np.zeros((self.classes, self.classes), dtype=np.int64)
         loss_sum, count, preview = 0.0, 0, None
         bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)  # none in logs
-        for batch in bar:
-            images = trainer._images_to_device(batch["image"])
-            masks = self.target_to_device(batch["mask"], trainer.device)
-            logits = trainer.eval_forward(images)
-            loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
-            probs = self.activate(logits)
-            labels = []
-            for prob, full in zip(probs, batch["full_mask"]):
-                label = labels_at(prob, tuple(full.shape)).cpu().numpy()
-                cm += confusion_matrix(label, full.numpy(), self.classes)
-                labels.append(label)
-            count += images.shape[0]
-            if preview is None and trainer.preview_count > 0:
-                k = trainer.preview_count
-                # Previews hold class ids at network resolution: truth, and the prediction in `probs`.
-                preview = Preview(images=np.stack([tensor_to_image(x) for x in batch["image"][:k]]),
-                                  truths=masks[:k].cpu().numpy().astype(np.uint8),
-                                  probs=probs[:k].argmax(dim=1).cpu().numpy().astype(np.uint8))
+        with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
+            for batch in bar:
+                images = trainer._images_to_device(batch["image"])
+                masks = self.target_to_device(batch["mask"], trainer.device)
+                logits = trainer.eval_forward(images)
+                loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
+                probs = self.activate(logits)
+                labels = []
+                for prob, full in zip(probs, batch["full_mask"]):
+                    label = labels_at(prob, tuple(full.shape)).cpu().numpy()
+                    cm += confusion_matrix(label, full.numpy(), self.classes)
+                    labels.append(label)
+                count += images.shape[0]
+                if preview is None and trainer.preview_count > 0:
+                    k = trainer.preview_count
+                    # Previews hold class ids at network resolution: truth, and the prediction in `probs`.
+                    preview = Preview(images=np.stack([tensor_to_image(x) for x in batch["image"][:k]]),
+                                      truths=masks[:k].cpu().numpy().astype(np.uint8),
+                                      probs=probs[:k].argmax(dim=1).cpu().numpy().astype(np.uint8))
         *cm_flat, loss_sum, count = dist.all_reduce_sums(*cm.ravel().tolist(), loss_sum, count)
         if count == 0:
             raise ValueError("the validation loader yielded no images")
