@@ -67,14 +67,12 @@ class Segmenter:
             raise SegmentError(f"fit must be one of {FITS}, got {fit!r}")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
-        # The classifier's choices: precision by device and --amp, channels_last for inference.
+        # The classifier's choices: precision by device and --amp; the live model's layout as
+        # in training (channels_last on CUDA); on the CPU the inference copy, with its own layout.
         precision = choose_precision(self.device, amp).dtype
         self.amp_dtype = precision if cuda else None
-        inference_cl = use_channels_last(self.device, True, inference=True)
-        self.memory_format = torch.channels_last if inference_cl else torch.contiguous_format
-        self.model = model.to(self.device).eval()  # the CPU copy below has its own memory format
-        if cuda:
-            self.model = self.model.to(memory_format=self.memory_format)
+        self.memory_format = torch.channels_last if use_channels_last(self.device, True) else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.inference = cpu_inference_copy(self.device, precision, channels_last=True)
         self.config, self.threshold, self.tta, self.fit = config, threshold, tta, fit
         self.input_hw = tuple(config.input_size)
