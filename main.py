@@ -76,7 +76,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without `pip install -e .` too
 
-from carvana.cli import comments_of, parse_settings, settings_from  # noqa: E402
+from carvana.pipeline.settings import comments_of, parse_settings, settings_from  # noqa: E402
 from carvana.pipeline import USER_ERRORS, run_pipeline  # noqa: E402
 
 if __name__ == "__main__":

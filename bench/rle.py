@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark ``carvana.rle.rle_encode`` against the classic Kaggle RLE encoder.
+"""Benchmark ``carvana.data.rle.rle_encode`` against the classic Kaggle RLE encoder.
 
 Runs both encoders on real 1918x1280 car masks from
 ``../shared/carvana-sample/train_masks`` (or, when that folder is absent,

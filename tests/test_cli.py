@@ -1,6 +1,6 @@
 import pytest
 
-from carvana.cli import comments_of, parse_settings, settings_from
+from carvana.pipeline.settings import comments_of, parse_settings, settings_from
 
 SOURCE = '''
 EPOCHS = 8  # number of epochs
@@ -58,7 +58,7 @@ def test_every_setting_in_main_py_has_a_comment():
 
 
 def test_changed_settings_are_those_that_differ_from_the_defaults():
-    from carvana.cli import changed_settings
+    from carvana.pipeline.settings import changed_settings
 
     hp = parse_settings(defaults(), ["--epochs", "3", "--lr", "1e-3"])
     assert changed_settings(hp, defaults()) == {"epochs": 3}  # --lr given, but equal to the default

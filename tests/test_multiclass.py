@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from carvana.training.classifier import CarvanaClassifier
-from carvana.training.multiclass import (CEDiceLoss, MultiClassTask, confusion_matrix, metrics_from_confusion,
+from carvana.training.tasks import (CEDiceLoss, MultiClassTask, confusion_matrix, metrics_from_confusion,
                                          multiclass_soft_dice)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from carvana.data.datasets import ImageReadError, train_augmentation
 from carvana.data.demo_trimap import write_demo_trimap_dataset
 from carvana.data.fetcher import DatasetLayoutError
-from carvana.data.multiclass import SegmentationDataset, collate_segmentation, load_segmentation_data, read_class_mask
+from carvana.data.class_datasets import SegmentationDataset, collate_segmentation, load_segmentation_data, read_class_mask
 from carvana.data.palette import PALETTE
 
 from conftest import SHARED
@@ -139,7 +139,7 @@ def test_demo_trimaps_have_car_background_and_a_border_band(tmp_path):
 def test_palette_pngs_at_each_images_size_resume_and_name_the_classes(tmp_path):
     from carvana.submission.masks import predict_to_masks
     from carvana.training.classifier import CarvanaClassifier
-    from carvana.training.multiclass import MultiClassTask
+    from carvana.training.tasks import MultiClassTask
 
     for i, hw in enumerate([(20, 30), (17, 11)]):
         save_rgb(tmp_path / "imgs" / f"p{i}.jpg", hw, i)

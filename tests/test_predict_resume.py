@@ -103,7 +103,7 @@ class FakeApi:
 
 def run_in_process(cwd: Path, monkeypatch, *args: str) -> int:
     """main.py's run_pipeline in this process (so the Kaggle API and the model can be faked)."""
-    from carvana.cli import parse_settings, settings_from
+    from carvana.pipeline.settings import parse_settings, settings_from
     from carvana.pipeline import run_pipeline
 
     monkeypatch.chdir(cwd)

@@ -1,4 +1,4 @@
-"""Tests for carvana.rle: exact agreement with the classic Kaggle encoder and the official CSV."""
+"""Tests for carvana.data.rle: exact agreement with the classic Kaggle encoder and the official CSV."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 from carvana import segment
 from carvana.models.unet_original import mirror_pad
-from carvana.photos import Box, fit_box, probabilities_to_mask, read_photo, to_network_input
+from carvana.training.checkpoint import threshold_of
+from carvana.data.photos import Box, fit_box, probabilities_to_mask, read_photo, to_network_input
 from carvana.training.checkpoint import load_model
 from segment_helpers import bright, tiny_unet, use_bright_archs
 
@@ -248,10 +249,10 @@ def test_reading_ahead_is_bounded():
 
 
 def test_threshold_comes_from_the_checkpoint_run_when_it_is_a_number():
-    assert segment.threshold_of({"hparams": {"threshold": 0.3}}) == 0.3
-    assert segment.threshold_of({"hparams": {"threshold": "auto"}}) == 0.5
-    assert segment.threshold_of({"hparams": {"threshold": 7}}) == 0.5
-    assert segment.threshold_of({}) == 0.5
+    assert threshold_of({"hparams": {"threshold": 0.3}}) == 0.3
+    assert threshold_of({"hparams": {"threshold": "auto"}}) == 0.5
+    assert threshold_of({"hparams": {"threshold": 7}}) == 0.5
+    assert threshold_of({}) == 0.5
 
 
 def test_help_lists_the_options(capsys):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from carvana.models.registry import ModelConfig, arch_spec
-from carvana.training.checkpoint import CheckpointError, load_model
+from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -138,7 +138,7 @@ def read_model_metadata(onnx_path: Path) -> dict[str, str]:
 
 def photo_inputs(inputs: Sequence[str | Path], config: ModelConfig, limit: int = 0) -> np.ndarray:
     """Photos (files/folders) letterboxed to the model's input as ``carvana.segment`` does: uint8 (N, 3, H, W)."""
-    from carvana.photos import find_photos, read_photo, to_network_input
+    from carvana.data.photos import find_photos, read_photo, to_network_input
 
     photos, problems = find_photos(inputs)
     if problems:
@@ -153,7 +153,6 @@ def photo_inputs(inputs: Sequence[str | Path], config: ModelConfig, limit: int =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: export, then check parity; 0 if it holds, 1 if not, 2 for a usage error."""
-    from carvana.segment import threshold_of
 
     p = argparse.ArgumentParser(prog="python -m carvana.export", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

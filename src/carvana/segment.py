@@ -12,7 +12,7 @@ recursively for .jpg/.jpeg/.png/.webp; their sub-folders are kept under OUT_DIR.
 Photos whose outputs all exist are skipped (``--overwrite`` redoes them). A photo that cannot
 be read gets a warning naming it and the run goes on; the exit status is the number of photos
 that failed (capped at 125), 2 for a usage error, 0 when everything worked.
-Geometry (letterbox vs stretch): see :mod:`carvana.photos`.
+Geometry (letterbox vs stretch): see :mod:`carvana.data.photos`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from carvana.models.registry import ModelConfig, arch_spec
-from carvana.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
+from carvana.data.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
                             probabilities_to_mask, read_photo, to_network_input, write_outputs)
-from carvana.training.checkpoint import CheckpointError, load_model
+from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
 
@@ -104,15 +104,6 @@ class Segmenter:
             raise SegmentError(f"{self.config.arch} returned {tuple(probs.shape[-2:])} maps for {self.input_hw} "
                                f"inputs; expected {expected} (output margin {self.margin})")
         return probs[:, 0].cpu().numpy()
-
-
-def threshold_of(state: dict) -> float:
-    """The threshold the checkpoint's run used; 0.5 when it does not say or stores no number in [0, 1]."""
-    try:
-        value = float((state.get("hparams") or {}).get("threshold", 0.5))
-    except (TypeError, ValueError):  # e.g. a setting such as "auto" rather than a number
-        return 0.5
-    return value if 0.0 <= value <= 1.0 else 0.5
 
 
 # ------------------------------------------------------------------------------- the run

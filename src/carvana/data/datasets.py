@@ -24,6 +24,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -304,3 +305,19 @@ class TestImageDataset(Dataset):
             warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)
             image, ok = np.zeros((h, w, 3), np.uint8), False
         return {"image": image_to_tensor(image), "name": Path(path).name, "ok": ok}
+
+
+def mirror_pad(x: torch.Tensor, margin: int) -> torch.Tensor:
+    """Mirror (reflect, edge not repeated) a (B, C, H, W) batch outwards by ``margin`` per side.
+
+    torch's reflect padding needs pad < side, so a small image is mirrored in rounds, as
+    the paper's overlap-tile strategy does at the image border.
+    """
+    left = margin
+    while left > 0:
+        step = min(left, x.shape[-1] - 1, x.shape[-2] - 1)
+        if step < 1:
+            raise ValueError(f"cannot mirror-pad a {x.shape[-2]}x{x.shape[-1]} image")
+        x = F.pad(x, (step, step, step, step), mode="reflect")
+        left -= step
+    return x

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carvana.data.datasets import mirror_pad as _mirror_pad
+
 DEPTH = 4  # number of 2x2 poolings
 CHANNELS = (64, 128, 256, 512, 1024)  # per level, the last one is the bottom
 MARGIN = 92  # pixels lost on each side: input = output + 2 * MARGIN (572 -> 388)
@@ -51,22 +53,6 @@ def check_output_size(h: int, w: int) -> None:
         f"388 + {2 * MARGIN} = 572); nearest valid height: {_nearest_outputs(h)}, nearest valid width: "
         f"{_nearest_outputs(w)} (--input-size is the OUTPUT size for unet-original)"
     )
-
-
-def mirror_pad(x: torch.Tensor, margin: int = MARGIN) -> torch.Tensor:
-    """Mirror (reflect, edge not repeated) a (B, C, H, W) batch outwards by ``margin`` per side.
-
-    torch's reflect padding needs pad < side, so a small image is mirrored in rounds, as
-    the paper's overlap-tile strategy does at the image border.
-    """
-    left = margin
-    while left > 0:
-        step = min(left, x.shape[-1] - 1, x.shape[-2] - 1)
-        if step < 1:
-            raise ValueError(f"cannot mirror-pad a {x.shape[-2]}x{x.shape[-1]} image")
-        x = F.pad(x, (step, step, step, step), mode="reflect")
-        left -= step
-    return x
 
 
 def center_crop(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -116,3 +102,8 @@ class UNetOriginal(nn.Module):
             x = up(x)
             x = decode(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
         return self.head(x)
+
+
+def mirror_pad(x: torch.Tensor, margin: int = MARGIN) -> torch.Tensor:
+    """``carvana.data.datasets.mirror_pad`` with this network's margin as the default."""
+    return _mirror_pad(x, margin)

@@ -28,7 +28,7 @@ from carvana.data.datasets import ImageReadError, TestImageDataset, jpeg_size
 from carvana.data.palette import PALETTE, legend, palette_bytes
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
-from carvana.training.multiclass import labels_at
+from carvana.training.tasks import labels_at
 
 
 def write_png_atomic(labels: np.ndarray, path: Path) -> None:

@@ -166,7 +166,7 @@ def validate_submission(
 
     Checks: readable (gzip / UTF-8), header exactly ``img,rle_mask``, exactly one
     row per expected image (missing, unexpected, duplicate rows), and every RLE
-    well formed and canonical within ``shape`` (see ``carvana.rle.rle_to_runs``).
+    well formed and canonical within ``shape`` (see ``carvana.data.rle.rle_to_runs``).
     """
     n_pixels = shape[0] * shape[1]
     expected_set = set(expected)

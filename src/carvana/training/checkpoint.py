@@ -121,6 +121,15 @@ def check_settings_match(config: ModelConfig, given: dict[str, Any], path: Path 
                                   "the checkpoint's own model")
 
 
+def threshold_of(state: dict) -> float:
+    """The threshold the checkpoint's run used; 0.5 when it does not say or stores no number in [0, 1]."""
+    try:
+        value = float((state.get("hparams") or {}).get("threshold", 0.5))
+    except (TypeError, ValueError):  # e.g. a setting such as "auto" rather than a number
+        return 0.5
+    return value if 0.0 <= value <= 1.0 else 0.5
+
+
 class ModelSaverCallback(Callback):
     """Saves ``last.pt`` after every epoch and ``best.pt`` when the monitored metric improves.
 

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, encoder_of
-from carvana.models.unet_original import mirror_pad
+from carvana.data.datasets import mirror_pad
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training import evaluation
 from carvana.data.datasets import normalize_images

@@ -1,6 +1,6 @@
 """The eval loops of CarvanaClassifier: binary validation (loss and the competition's Dice)
 and prediction to callbacks. Functions of the trainer, as the multi-class task's validation
-(training/multiclass.py) is; both run inside ``trainer.fixed_weights()``, so the CPU inference
+(training/tasks.py) is; both run inside ``trainer.fixed_weights()``, so the CPU inference
 copy checks the weights once per call rather than once per batch.
 """
 

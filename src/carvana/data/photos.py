@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps
 
-from carvana.models.unet_original import mirror_pad
+from carvana.data.datasets import mirror_pad
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FITS = ("letterbox", "stretch")

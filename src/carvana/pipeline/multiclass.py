@@ -18,18 +18,18 @@ from torch.utils.data import DataLoader
 
 from carvana.data.datasets import train_augmentation
 from carvana.data.demo_trimap import CLASS_NAMES as DEMO_CLASS_NAMES, write_demo_trimap_dataset
-from carvana.data.multiclass import SegmentationDataset, collate_segmentation, load_segmentation_data
+from carvana.data.class_datasets import SegmentationDataset, collate_segmentation, load_segmentation_data
 from carvana.data.palette import label_grid
 from carvana.models.registry import ModelConfig, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
-from carvana.pipeline import (LOGS_DIR, MODELS_DIR, StageTimer, classifier_from_settings, make_train_loader, resolve_run,
+from carvana.pipeline.binary import (LOGS_DIR, MODELS_DIR, StageTimer, classifier_from_settings, make_train_loader, resolve_run,
                               seed_everything, write_json)
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint, model_config_of
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
-from carvana.training.multiclass import MULTICLASS_COLUMNS, MultiClassTask, PerClassTableLogger
+from carvana.training.tasks import MULTICLASS_COLUMNS, MultiClassTask, PerClassTableLogger
 
 DEFAULT_CLASSES = {"oxford-pet": 3, "carla": 13, "folder": 0}  # 0: must be given (the demo trimaps have 3)
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from carvana.training import distributed as dist
-from carvana.cli import changed_settings
+from carvana.pipeline.settings import changed_settings
 from carvana.training.checkpoint import (CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint,
                                          load_model)
 from carvana.training.classifier import CarvanaClassifier
@@ -34,7 +34,7 @@ from carvana.models.registry import ModelConfig, ModelConfigError, build_model, 
 from carvana.models.smp_nets import EncoderWeightsError, resolve_encoder_weights
 from carvana.models.unet1024 import parse_input_size
 from carvana.submission.gzip_stream import SubmissionWriteError
-from carvana.kfold import run_folds
+from carvana.pipeline.folds import run_folds
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
 from carvana.submission.validate import SubmissionError, upload_submission, validate_submission
@@ -106,7 +106,7 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
     command line, and with --no-train it must agree with the checkpoint's model.
     """
     if getattr(hp, "classes", 1) > 1 or getattr(hp, "dataset", "carvana") != "carvana":
-        from carvana.multiclass_pipeline import run_multiclass_pipeline  # imports this module: import late
+        from carvana.pipeline.multiclass import run_multiclass_pipeline  # imports this module: import late
 
         return run_multiclass_pipeline(hp)
     stage_done = StageTimer()
@@ -148,7 +148,7 @@ def run_pipeline(hp: SimpleNamespace, defaults: dict[str, Any] | None = None) ->
               f"{len(valid_images)} valid images (split by car), {len(test_images)} test images")
     stage_done("data")
 
-    # 2-4 with --folds K (carvana.kfold) or --ensemble: several models, one averaged submission.
+    # 2-4 with --folds K (carvana.pipeline.folds) or --ensemble: several models, one averaged submission.
     if hp.folds or hp.ensemble:
         folds_summary = None
         if hp.folds:
