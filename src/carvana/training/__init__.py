@@ -3,7 +3,7 @@
   callbacks         - the callback protocol (every hook a documented no-op)
   distributed       - torch.distributed glue (no-ops in a single process)
   losses            - BCE + Dice loss and the competition Dice metric
-  multiclass        - N >= 2 classes: CE + Dice loss, confusion-matrix IoU/accuracy, the task the classifier delegates to
+  tasks             - the task every classifier delegates to: BinaryTask (Carvana), MultiClassTask (CE + Dice, IoU)
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
   inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once, pools without indices

@@ -28,6 +28,7 @@ from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
+from carvana.training.tasks import BinaryTask
 
 
 class CarvanaClassifier:
@@ -84,12 +85,13 @@ class CarvanaClassifier:
         # and weights cast once to the run's precision (training/inference.py), channels_last
         # unless --no-channels-last (faster for CPU inference, slower for CPU training).
         self.inference = cpu_inference_copy(self.device, self.amp_dtype, channels_last)
-        # A task object (training.multiclass.MultiClassTask) takes over targets, loss, activation
-        # and validation metrics for N >= 2 classes; None is the binary Carvana path below.
-        self.task = task
-        # A given loss_fn (e.g. boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight.
-        self.loss_fn = task.loss_fn if task is not None else loss_fn if loss_fn is not None else BCEDiceLoss(bce_weight, dice_weight)
-        self.monitor = task.monitor if task is not None else "valid_dice"
+        # The task (training/tasks.py) decides targets, loss, activation and validation metrics:
+        # binary car masks unless a multi-class task is given. A given loss_fn (e.g. the
+        # boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight for the binary task.
+        self.task = task if task is not None else BinaryTask(loss_fn if loss_fn is not None
+                                                              else BCEDiceLoss(bce_weight, dice_weight))
+        self.loss_fn = self.task.loss_fn
+        self.monitor = self.task.monitor
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(scheduler, self.optimizer, epochs)
@@ -153,9 +155,7 @@ class CarvanaClassifier:
         return x.contiguous(memory_format=self.memory_format)
 
     def _masks_to_device(self, m: torch.Tensor) -> torch.Tensor:
-        if self.task is not None:
-            return self.task.target_to_device(m, self.device)
-        return m.to(self.device, non_blocking=True).float()
+        return self.task.target_to_device(m, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimiser, scheduler, scaler, progress."""
@@ -213,12 +213,9 @@ class CarvanaClassifier:
                                              "train_images": train_images,
                                              "train_seconds": time.perf_counter() - start}
                 preview = None
-                if valid_loader is not None and self.task is not None:
+                if valid_loader is not None:
                     valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
-                elif valid_loader is not None:
-                    valid_loss, valid_dice, preview = self.validate(valid_loader)
-                    metrics.update(valid_loss=valid_loss, valid_dice=valid_dice)
                 self._step_scheduler(metrics)
                 self.epoch = epoch
                 monitored = metrics.get(self.monitor, -train_loss)

@@ -65,12 +65,10 @@ def predict(trainer: Any, loader: Iterable[dict], callbacks: Iterable[Callback] 
         try:
             for batch in tqdm(loader, desc="predict", disable=trainer._bar_off, dynamic_ncols=True):
                 images = trainer._images_to_device(batch["image"])
-                activate = trainer.task.activate if trainer.task is not None else lambda z: torch.sigmoid(z.float())
-                probs = activate(trainer.eval_forward(images))
+                # binary: (B, h, w) car probabilities; multi-class: (B, C, h, w)
+                probs = trainer.task.activate(trainer.eval_forward(images))
                 if tta:
-                    probs = (probs + activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
-                if trainer.task is None:
-                    probs = probs[:, 0]  # binary: (B, h, w); multi-class stays (B, C, h, w)
+                    probs = (probs + trainer.task.activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
                 probs = crop_native(probs)  # native-resolution padding is cropped, never resampled
                 if "ok" in batch:
                     probs[~batch["ok"].to(trainer.device)] = 0.0

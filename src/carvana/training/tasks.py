@@ -1,8 +1,8 @@
-"""Multi-class segmentation (``--classes N``, N >= 2): loss, metrics, and the task object
-the classifier delegates to.
+"""The task objects ``CarvanaClassifier`` delegates to: targets, loss, activation, the
+monitored metric and validation. Every classifier has one:
 
-The binary Carvana path (sigmoid, BCE + Dice, competition Dice) does not go through here:
-``CarvanaClassifier`` uses :class:`MultiClassTask` only when it is given one.
+* :class:`BinaryTask` (the Carvana car masks): sigmoid, BCE + Dice, the competition's Dice.
+* :class:`MultiClassTask` (``--classes N``, N >= 2), with its loss and metrics below.
 
 * Loss: ``ce_weight * cross-entropy + dice_weight * (1 - soft Dice)``, where the soft Dice
   is computed per image and class on the softmax and averaged over the classes present in
@@ -27,6 +27,8 @@ from tqdm import tqdm
 from carvana.data.datasets import tensor_to_image
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, Preview
+from carvana.training.evaluation import validate_binary
+from carvana.training.losses import BCEDiceLoss
 
 IGNORE_INDEX = 255
 # The per-epoch columns of metrics.csv for a multi-class run (one row per epoch).
@@ -130,6 +132,32 @@ def labels_at(probs: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(probs.shape[-2:]) != tuple(hw):
         probs = F.interpolate(probs[None].float(), size=tuple(hw), mode="bilinear", align_corners=False)[0]
     return probs.argmax(dim=0)
+
+
+class BinaryTask:
+    """The binary Carvana task: (B, 1, H, W) logits against 0/1 masks, BCE + Dice loss, best
+    checkpoint by the competition's Dice (thresholded at 1918x1280, per image)."""
+
+    monitor = "valid_dice"
+    classes = 1
+
+    def __init__(self, loss_fn: nn.Module | None = None) -> None:
+        self.loss_fn = loss_fn if loss_fn is not None else BCEDiceLoss()
+
+    @staticmethod
+    def target_to_device(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """0/1 masks -> float on the device (the loss compares probabilities with them)."""
+        return mask.to(device, non_blocking=True).float()
+
+    @staticmethod
+    def activate(logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, h, w) -> car probabilities (B, h, w)."""
+        return torch.sigmoid(logits.float())[:, 0]
+
+    def validate(self, trainer: Any, loader: Iterable[dict]) -> tuple[dict[str, float], Preview | None]:
+        """Mean loss and mean competition Dice over the validation set."""
+        loss, dice, preview = validate_binary(trainer, loader)
+        return {"valid_loss": loss, "valid_dice": dice}, preview
 
 
 class MultiClassTask:
