@@ -54,6 +54,30 @@ def jpeg_reduction(orig_hw: tuple[int, int], target_hw: tuple[int, int]) -> int:
     return factor
 
 
+def jpeg_truncated(data: bytes) -> bool:
+    """True when a JPEG has no end-of-image marker (FF D9) after its first scan header.
+
+    Bytes after the EOI (trailers phones and cameras append) are fine. The search starts at
+    the first scan (SOS) because an EXIF thumbnail in the header has an EOI of its own; in
+    entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FF D9 there
+    is the image's EOI.
+    """
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers carry no length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:
+                return data.rfind(b"\xff\xd9", i) < 0
+    if i + 4 > len(data):  # the file ends inside the header
+        return True
+    return data.rfind(b"\xff\xd9", 2) < 0  # an odd header libjpeg may still read: any EOI will do
+
+
 def read_image(path: Path, reduction: int = 1) -> np.ndarray:
     """Read a JPEG as RGB uint8 (H, W, 3), optionally DCT-reduced; clear error if unusable."""
     try:
@@ -62,10 +86,8 @@ def read_image(path: Path, reduction: int = 1) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read image file ({exc.strerror})") from exc
     # libjpeg decodes a truncated file into a half-grey image with only a warning on
     # stderr; the JPEG end-of-image marker is the reliable check.
-    if data.size >= 2 and data[0] == 0xFF and data[1] == 0xD8:
-        tail = np.trim_zeros(data[-64:], "b")
-        if tail.size < 2 or tail[-2] != 0xFF or tail[-1] != 0xD9:
-            raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker)")
+    if data.size >= 2 and data[0] == 0xFF and data[1] == 0xD8 and jpeg_truncated(data.tobytes()):
+        raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker after the image data)")
     bgr = cv2.imdecode(data, _REDUCED_FLAGS[reduction])
     if bgr is None:
         raise ImageReadError(f"{path}: not a readable image (empty, corrupt or unsupported format)")
