@@ -1,5 +1,6 @@
-"""Precision choice (bf16 autocast on native-bf16 CPUs, fp32 otherwise) and fp32 checkpoints from bf16 training."""
+"""Precision choice (bf16 autocast on native-bf16 CPUs and GPUs, fp16 on older GPUs, fp32 otherwise) and fp32 checkpoints from bf16 training."""
 
+import pytest
 import torch
 
 from carvana.training import precision as P
@@ -91,3 +92,27 @@ class Collect(Callback):
 
     def on_predict_batch_end(self, trainer, names, probs):
         self.out.append(probs.detach().cpu())
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((8, 0), torch.bfloat16),  # A100
+    ((9, 0), torch.bfloat16),  # H100
+    ((8, 9), torch.bfloat16),  # L4
+    ((7, 5), torch.float16),   # T4: torch reports bf16 "supported" through emulation
+    ((6, 0), torch.float16),   # P100
+    ((7, 0), torch.float16),   # V100
+])
+def test_cuda_bf16_only_where_native_else_fp16_with_a_scaler(monkeypatch, capability, expected):
+    # No GPU needed: the capability queries are faked. is_bf16_supported says True everywhere,
+    # as torch's default (including_emulation=True) does on a T4 or P100.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = torch.device("cuda", 0)
+    chosen = P.choose_precision(cuda, amp=True)
+    assert chosen.dtype == expected and chosen.name == {torch.bfloat16: "bf16", torch.float16: "fp16"}[expected]
+    assert f"sm_{capability[0]}{capability[1]}" in chosen.reason
+    # The classifier's GradScaler is enabled exactly for fp16 (bf16 has fp32's exponent range).
+    assert (chosen.dtype == torch.float16) == ("gradient scaler" in chosen.reason)
+    assert P.choose_precision(cuda, amp=False).dtype is None
+    assert P.use_channels_last(cuda, True)

@@ -1,6 +1,7 @@
 """Which floating-point precision and memory format the classifier runs in, decided once.
 
-* CUDA: bf16 autocast where the GPU has it, else fp16 (with a GradScaler); channels_last.
+* CUDA: bf16 autocast where the GPU computes bf16 natively (compute capability 8.0+: A100,
+  H100, L4, RTX 30xx...), else fp16 with a GradScaler (T4, P100, V100); channels_last.
 * CPU: bf16 autocast where the CPU computes bf16 natively (Intel AMX-BF16 or AVX512-BF16,
   which oneDNN uses for convolutions); fp32 elsewhere, because emulated bf16 is slower than
   fp32. The decision is a capability check, not a timed probe: a probe on a shared machine
@@ -59,14 +60,28 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
         return []
 
 
+def cuda_native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA ``device`` computes bf16 natively, and its compute capability as 'sm_XY'.
+
+    Not torch.cuda.is_bf16_supported() alone: it also answers True where bf16 is only emulated
+    (a T4's sm_75, a P100's sm_60), which is slower than fp16 there. ROCm reports its own.
+    """
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"sm_{major}{minor}"
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported()), arch
+    return major >= 8, arch
+
+
 def choose_precision(device: torch.device, amp: bool) -> Precision:
     """The precision the classifier runs in on ``device`` (see the module docstring)."""
     if not amp:
         return Precision(None, "fp32", "--no-amp")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision(torch.bfloat16, "bf16", "CUDA device supports bf16")
-        return Precision(torch.float16, "fp16", "CUDA device without bf16: fp16 with a gradient scaler")
+        native, arch = cuda_native_bf16(device)
+        if native:
+            return Precision(torch.bfloat16, "bf16", f"CUDA device {arch} has native bf16")
+        return Precision(torch.float16, "fp16", f"CUDA device {arch} without native bf16: fp16 with a gradient scaler")
     if device.type == "cpu":
         flags = cpu_bf16_flags()
         if flags:
