@@ -12,6 +12,9 @@ mask file into class ids 0..N-1 (255 = ignore):
   Consecutive frames (names equal but for the last character) stay on one side of the split.
 * ``folder``: ``images/*`` + ``masks/<stem>.png`` holding class indices (mode L or P).
 
+Images are read in their stored (raw) orientation, EXIF Orientation ignored, because masks are
+stored in it: image, mask and predicted mask pixels line up, at the same size.
+
 A mask that is missing, of another size than its image, or holds a value >= N other than
 255 is an :class:`ImageReadError` naming the file (and the value).
 """

@@ -36,7 +36,10 @@ from carvana.data.layout import NATIVE_INPUT, ORIG_SHAPE, is_native
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# Pixels in the file's own (raw) orientation, EXIF Orientation ignored: masks are stored in that
+# orientation and jpeg_size reports it, so image, mask and predicted mask sizes all agree.
+_REDUCED_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 
 class ImageReadError(ValueError):
@@ -79,7 +82,10 @@ def jpeg_truncated(data: bytes) -> bool:
 
 
 def read_image(path: Path, reduction: int = 1) -> np.ndarray:
-    """Read a JPEG as RGB uint8 (H, W, 3), optionally DCT-reduced; clear error if unusable."""
+    """Read a JPEG as RGB uint8 (H, W, 3), optionally DCT-reduced; clear error if unusable.
+
+    The pixels keep the file's raw orientation (EXIF Orientation is not applied), as masks do.
+    """
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -107,7 +113,8 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def jpeg_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image from its header alone (PIL reads no pixel data here)."""
+    """(H, W) of an image from its header alone (PIL reads no pixel data here), raw orientation
+    (EXIF ignored), as :func:`read_image` decodes it."""
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
