@@ -191,6 +191,14 @@ def fit_to_input(image: np.ndarray, hw: tuple[int, int], mask: bool = False) -> 
     return resize_mask(image, hw) if mask else resize(image, hw)
 
 
+def check_native_frame(path: Path, image: np.ndarray, hw: tuple[int, int]) -> None:
+    """At the native input size, an ImageReadError (naming the file and its size) for an image
+    that is not 1918x1280: padding needs the exact frame, so a test image gets an empty mask."""
+    if is_native(hw) and image.shape[:2] != ORIG_SHAPE:
+        raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, native-size prediction "
+                             f"({NATIVE_INPUT[1]}x{NATIVE_INPUT[0]}) needs {ORIG_SHAPE[1]}x{ORIG_SHAPE[0]}")
+
+
 def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     """For previews: a uint8 or normalised float (3, H, W) image -> uint8 (H, W, 3)."""
     x = x.detach().cpu()
@@ -312,7 +320,8 @@ class TrainImageDataset(Dataset):
 
 
 class TestImageDataset(Dataset):
-    """Test images resized to ``input_hw``; unreadable ones give ok=False and a warning."""
+    """Test images resized to ``input_hw``; unreadable ones, and at the native size images that
+    are not 1918x1280, give ok=False (an empty mask) and a warning naming the file."""
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -328,8 +337,9 @@ class TestImageDataset(Dataset):
         path = self.images[i]
         h, w = self.input_hw
         try:
-            image = fit_to_input(read_image(path, self.reduction), self.input_hw)
-            ok = True
+            image = read_image(path, self.reduction)
+            check_native_frame(path, image, self.input_hw)
+            image, ok = fit_to_input(image, self.input_hw), True
         except ImageReadError as exc:
             warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)
             image, ok = np.zeros((h, w, 3), np.uint8), False

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from carvana.data.datasets import ImageReadError, fit_to_input, image_to_tensor, jpeg_reduction, read_image
+from carvana.data.datasets import (ImageReadError, check_native_frame, fit_to_input, image_to_tensor, jpeg_reduction,
+                                   read_image)
 from carvana.data.layout import ORIG_SHAPE, is_native
 from carvana.models.registry import ModelConfig
 from carvana.training import distributed as dist
@@ -135,6 +136,7 @@ class MultiSizeTestDataset(Dataset):
         try:
             decoded = {r: read_image(path, r) for r in set(self.reductions.values())}
             for s in self.sizes:
+                check_native_frame(path, decoded[self.reductions[s]], s)
                 item[size_key(s)] = image_to_tensor(fit_to_input(decoded[self.reductions[s]], s))
         except ImageReadError as exc:
             warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)
