@@ -36,7 +36,7 @@ from tqdm import tqdm
 from carvana.data.datasets import (ImageReadError, check_native_frame, fit_to_input, image_to_tensor, jpeg_reduction,
                                    read_image)
 from carvana.data.layout import ORIG_SHAPE, is_native
-from carvana.models.registry import ModelConfig
+from carvana.models.registry import ModelConfig, output_size as data_size
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList
 from carvana.submission.fingerprint import weights_digest
@@ -99,7 +99,8 @@ def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | 
     for path, weight in zip(paths, weights):
         model, config, state = load_model(path, map_location="cpu")
         if config.classes != 1:
-            raise CheckpointError(f"{path}: a {config.classes}-class model; ensembles average binary car masks")
+            raise CheckpointError(f"{path}: a {config.classes}-class model, which cannot predict the binary Carvana "
+                                  "car masks")
         clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
                                 progress=False, preview_count=0, model_config=config)
         members.append(Member(Path(path), clf, config, float(weight), weights_digest(state["model"])))
@@ -159,7 +160,9 @@ class EnsemblePredictor:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
         self.device = self.members[0].classifier.device
-        self.sizes = [tuple(m.config.input_size) for m in self.members]
+        # Images are resized to each member's data size (its output); a valid-convolution net
+        # (unet-original) mirror-pads them to its larger input itself, as in training.
+        self.sizes = [data_size(m.config) for m in self.members]
         self.output_hw = max((output_size(s) for s in self.sizes), key=lambda hw: (hw[0] * hw[1], hw))
         self.progress = progress and dist.is_main_process()
 
@@ -180,6 +183,8 @@ class EnsemblePredictor:
         }
 
     def describe(self) -> str:
+        if len(self.members) == 1:
+            return f"{self.members[0].path} ({self.members[0].config.describe()})"
         return (f"ensemble of {len(self.members)}: " + ", ".join(f"{m.path} ({m.config.describe()}, w={m.weight:.3g})"
                 for m in self.members) + f"; averaged at {self.output_hw[0]}x{self.output_hw[1]}")
 
@@ -191,7 +196,7 @@ class EnsemblePredictor:
         """The weighted mean (B, h, w) probabilities of one loader batch, on the device."""
         acc = None
         for m in self.members:
-            sub = {"image": batch[size_key(m.config.input_size)], "name": batch["name"], "ok": batch["ok"]}
+            sub = {"image": batch[size_key(data_size(m.config))], "name": batch["name"], "ok": batch["ok"]}
             collect = _Collect()
             m.classifier.predict([sub], [collect], tta=tta)
             p = collect.probs.float()
