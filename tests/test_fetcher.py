@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from carvana.data import fetcher as fetcher_mod
-from carvana.data import kaggle_client
+from carvana.data import kaggle_client, notebook
 from carvana.data.fetcher import (
     CorruptArchiveError,
     DatasetFetcher,
@@ -95,6 +95,13 @@ def http_error(status: int, text: str = "") -> requests.HTTPError:
     response = requests.Response()
     response.status_code = status
     return requests.HTTPError(text or f"{status} Client Error: for url https://www.kaggle.com/api/v1", response=response)
+
+
+@pytest.fixture(autouse=True)
+def no_mount(monkeypatch, tmp_path):
+    """No mounted competition files: run inside a Kaggle Notebook, these tests must not take the real ones."""
+    monkeypatch.delenv(notebook.INPUT_ENV, raising=False)
+    monkeypatch.setattr(notebook, "KAGGLE_INPUT_DIR", tmp_path / "no-kaggle-input")
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@
   kaggle_credentials - where Kaggle credentials come from; redact() scrubs them from messages
   kaggle_client - the official kaggle API: clear errors, submit
   archives      - which competition zips exist, whether one is whole, safe unpacking
-  fetcher       - DatasetFetcher: Kaggle download / demo data / car-grouped split
+  notebook      - Kaggle Notebook: the mounted competition folder (CARVANA_INPUT), the working folder
+  mounted       - the mounted competition files (zips and/or unpacked folders) as a dataset folder
+  fetcher       - DatasetFetcher: folder / mount / Kaggle download / demo data; car-grouped split
   demo_car      - procedurally drawn 3-D cars in a studio, one view at a time
   demo_data     - the demo dataset in the exact Carvana layout, made of those cars
   datasets      - TrainImageDataset / TestImageDataset (OpenCV + albumentations)

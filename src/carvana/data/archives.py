@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class DatasetLayoutError(FileNotFoundError):
+    """A data folder (or the mounted competition files) lacks part of the Carvana layout."""
+
+
 class UnsafeArchiveError(ValueError):
     """An archive member would be written outside the extraction folder (zip-slip)."""
 
@@ -89,8 +93,11 @@ def is_unpacked(folder: Path, marker: Path) -> bool:
     return all((folder / name).exists() for name in outputs)
 
 
-def unpack_archive(folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path) -> None:
+def unpack_archive(folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path,
+                   keep_zip: bool = False) -> None:
     """Extract ``zip_path`` via ``tmp`` into ``folder``, write ``marker`` and delete the zip.
+
+    ``keep_zip`` leaves the zip alone (a read-only mounted one is only ever read).
 
     Raises UnsafeArchiveError before writing anything for a zip-slip member, and
     CorruptArchiveError when the expected top-level entries are missing. An I/O problem
@@ -125,4 +132,5 @@ def unpack_archive(folder: Path, archive: Archive, zip_path: Path, tmp: Path, ma
                                    "entries": len(infos)}), encoding="utf-8")
     os.replace(partial, marker)
     remove_path(tmp)
-    zip_path.unlink()  # the hq archives are GBs; the marker alone records completion
+    if not keep_zip:
+        zip_path.unlink()  # the hq archives are GBs; the marker alone records completion

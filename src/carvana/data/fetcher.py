@@ -1,4 +1,9 @@
-"""DatasetFetcher: get the Carvana data (Kaggle, demo or an existing folder) and split it by car.
+"""DatasetFetcher: get the Carvana data and split it by car.
+
+Where the data comes from, first match wins: an explicit folder (``use_folder``, --data-dir);
+the competition files mounted read-only in a Kaggle Notebook or named by ``CARVANA_INPUT``
+(carvana.data.mounted); a Kaggle API download when credentials exist; else the demo data.
+Credentials never win over a mount. ``fetcher.source`` records which one was taken.
 
 Download layout under ``root/<competition>[-hq]``::
 
@@ -20,10 +25,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from carvana.data import kaggle_client
+from carvana.data import kaggle_client, mounted, notebook
 from carvana.data.archives import (  # noqa: F401  (re-exported: callers import them from here)
     Archive,
     CorruptArchiveError,
+    DatasetLayoutError,
     UnsafeArchiveError,
     archives,
     is_unpacked,
@@ -38,10 +44,6 @@ DOWNLOADS = "_downloads"
 REQUIRED_DIRS = ("train", "train_masks", "test")
 REQUIRED_FILES = ("sample_submission.csv",)
 OPTIONAL_FILES = ("train_masks.csv", "metadata.csv")
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """A data folder lacks part of the Carvana layout."""
 
 
 def check_layout(folder: Path) -> Path:
@@ -103,7 +105,7 @@ class DatasetFetcher:
         self._api = api
         self._api_injected = api is not None
         self.dataset_dir: Path | None = None
-        self.source: str | None = None  # "kaggle", "demo" or "folder"
+        self.source: str | None = None  # "folder", "mount", "kaggle" or "demo"
 
     @property
     def api(self) -> Any:
@@ -113,14 +115,24 @@ class DatasetFetcher:
 
     # ------------------------------------------------------------------ getting the data
 
+    def _target(self) -> Path:
+        return self.root / (self.competition + ("-hq" if self.hq else ""))
+
     def fetch(self) -> Path:
-        """Download + unpack the competition data, or write the demo data if no credentials exist."""
+        """Take the mounted competition files, else download them, else write the demo data.
+
+        Prints one ``data: ...`` line saying which source was taken and why.
+        """
+        mount = notebook.competition_mount()  # before credentials: they never outrank a mount
+        if mount is not None:
+            return self._use_mount(*mount)
         if not self._api_injected:
             source = kaggle_client.find_credentials()
             if source is None:
                 return self._use_demo()
-            print(f"[fetch] Kaggle credentials from {source}")
-        folder = self.root / (self.competition + ("-hq" if self.hq else ""))
+            print(f"data: Kaggle API download (credentials from {source}; no mounted competition files at "
+                  f"{notebook.KAGGLE_INPUT_DIR} and {notebook.INPUT_ENV} unset)", flush=True)
+        folder = self._target()
         (folder / DOWNLOADS).mkdir(parents=True, exist_ok=True)
         for archive in archives(self.hq):
             self._fetch_archive(folder, archive)
@@ -132,20 +144,29 @@ class DatasetFetcher:
         self.dataset_dir, self.source = check_layout(Path(path)), "folder"
         return self.dataset_dir
 
+    def _use_mount(self, mount: Path, why: str) -> Path:
+        print(f"data: mounted competition files at {mount} ({why})", flush=True)
+        folder = mounted.assemble(mount, self._target(), self.hq)
+        self.dataset_dir, self.source = check_layout(folder), "mount"
+        return folder
+
     def _use_demo(self) -> Path:
-        from carvana.data.demo_data import write_demo_dataset  # lazy: only needed without credentials
+        from carvana.data.demo_data import write_demo_dataset  # lazy: only needed without real data
 
         folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))
         bar = "!" * 78
         print("\n".join([
             bar,
-            "!!  DEMO DATA IN USE: no Kaggle credentials found, so a small synthetic dataset",
-            f"!!  was written to {folder}. Scores on it say nothing about the competition.",
-            "!!  To use the real Carvana data:",
-            f"!!   1. create an API token at {kaggle_client.TOKEN_URL} and save it as",
-            "!!      ~/.kaggle/kaggle.json, or set KAGGLE_USERNAME + KAGGLE_KEY;",
-            f"!!   2. accept the rules at {kaggle_client.rules_url(self.competition)};",
-            "!!   or pass --data-dir <folder with train/ train_masks/ test/ sample_submission.csv>.",
+            "!!  DEMO DATA IN USE: no mounted competition files and no Kaggle credentials",
+            f"!!  found, so a small synthetic dataset was written to {folder}.",
+            "!!  Scores on it say nothing about the competition. To use the real Carvana data:",
+            "!!   - in a Kaggle Notebook: add the competition's data (mounted at",
+            f"!!     {notebook.KAGGLE_INPUT_DIR});",
+            f"!!   - or set {notebook.INPUT_ENV} to a folder holding its zips or unpacked folders;",
+            f"!!   - or create an API token at {kaggle_client.TOKEN_URL}, save it as",
+            "!!     ~/.kaggle/kaggle.json or set KAGGLE_USERNAME + KAGGLE_KEY, and accept",
+            f"!!     the rules at {kaggle_client.rules_url(self.competition)};",
+            "!!   - or pass --data-dir <folder with train/ train_masks/ test/ sample_submission.csv>.",
             bar,
         ]), flush=True)
         self.dataset_dir, self.source = folder, "demo"
