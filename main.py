@@ -76,13 +76,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without `pip install -e .` too
 
-from carvana.pipeline.settings import comments_of, parse_settings, settings_from  # noqa: E402
-from carvana.pipeline import USER_ERRORS, run_pipeline  # noqa: E402
+from carvana.pipeline import main  # noqa: E402
+from carvana.pipeline.settings import settings_from  # noqa: E402
 
 if __name__ == "__main__":
-    defaults = settings_from(globals())
-    hp = parse_settings(defaults, help_text=comments_of(Path(__file__).read_text()), description=__doc__.splitlines()[0])
-    try:
-        sys.exit(run_pipeline(hp, defaults))
-    except USER_ERRORS as exc:  # a clear message, no traceback; completed work is kept
-        sys.exit(f"error: {exc}")
+    sys.exit(main(settings_from(globals()), Path(__file__).read_text(), __doc__))

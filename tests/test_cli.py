@@ -57,8 +57,9 @@ def test_every_setting_in_main_py_has_a_comment():
     assert [name for name in settings if not comments.get(name)] == []
 
 
-def test_changed_settings_are_those_that_differ_from_the_defaults():
-    from carvana.pipeline.settings import changed_settings
+def test_given_settings_are_those_typed_even_when_equal_to_the_default():
+    from carvana.pipeline.settings import parse_command
 
-    hp = parse_settings(defaults(), ["--epochs", "3", "--lr", "1e-3"])
-    assert changed_settings(hp, defaults()) == {"epochs": 3}  # --lr given, but equal to the default
+    command = parse_command(defaults(), ["--epochs", "3", "--lr", "2e-3", "--no-augment"])
+    assert command.given == {"epochs": "command line", "lr": "command line", "augment": "command line"}
+    assert command.hp.epochs == 3 and command.recipe is None

@@ -102,13 +102,13 @@ class FakeApi:
 
 
 def run_in_process(cwd: Path, monkeypatch, *args: str) -> int:
-    """main.py's run_pipeline in this process (so the Kaggle API and the model can be faked)."""
-    from carvana.pipeline.settings import parse_settings, settings_from
-    from carvana.pipeline import run_pipeline
+    """main.py's run in this process (so the Kaggle API and the model can be faked)."""
+    from carvana.pipeline.settings import parse_command, settings_from
+    from carvana.pipeline import run_command
 
     monkeypatch.chdir(cwd)
     defaults = settings_from(runpy.run_path(str(MAIN), run_name="main"))
-    return run_pipeline(parse_settings(defaults, list(args)))
+    return run_command(parse_command(defaults, list(args)))
 
 
 def test_no_train_submit_uploads_the_finished_submission_without_predicting_again(setup, tmp_path, monkeypatch, capsys):

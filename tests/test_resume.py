@@ -13,7 +13,7 @@ from carvana.data.datasets import TrainImageDataset, train_augmentation
 from carvana.data.demo_data import write_demo_dataset
 from carvana.data.fetcher import DatasetFetcher
 from carvana.data.sampling import EpochSampler
-from carvana.pipeline import make_train_loader
+from carvana.pipeline.fit import make_train_loader
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import CheckpointError, check_settings_match
 from carvana.training.classifier import CarvanaClassifier

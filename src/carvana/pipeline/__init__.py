@@ -1,5 +1,55 @@
-"""``python main.py``: settings, recipe files, and the run they describe."""
+"""``python main.py``: settings and recipes -> a task and a plan -> one run.
 
-from carvana.pipeline.binary import USER_ERRORS, run_pipeline
+  settings - main.py's flags and ``--config`` TOML recipes
+  plans    - the task (binary | multi-class) and plan (single | folds | ensemble | predict), refusals
+  runs     - which run, whose settings win on --resume, fresh starts
+  session  - what every run has: device, folders, settings record, clock, user errors
+  fit      - model, task, classifier, loaders and one training function for every plan
+  folds    - K car-grouped folds, out-of-fold scores, threshold, error gallery
+  binary   - the Carvana task: every plan ends in one streamed, validated submission
+  multiclass - the multi-class task: palette PNG masks
+"""
 
-__all__ = ["USER_ERRORS", "run_pipeline"]
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+from carvana.pipeline.plans import MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
+from carvana.pipeline.session import USER_ERRORS, open_session, user_message
+from carvana.pipeline.settings import Command, comments_of, parse_command
+
+__all__ = ["USER_ERRORS", "main", "run_command"]
+
+
+def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
+    """The task and plan these (final) settings describe; PlanError for what cannot run."""
+    task, plan = choose_task(hp), choose_plan(hp)
+    check_plan(task, plan, hp, given)
+    if task == MULTICLASS and plan not in (SINGLE, PREDICT):
+        raise PlanError(f"{plan} are not supported for multi-class runs (--dataset {hp.dataset}, --classes "
+                        f"{hp.classes}): drop --folds / --ensemble")
+    return task, plan
+
+
+def run_command(command: Command) -> int:
+    """Run what ``command`` asks for; returns the process exit code."""
+    session = open_session(command, lambda hp: decide(hp, command.given))
+    if session.task == MULTICLASS:
+        from carvana.pipeline.multiclass import run_multiclass  # each task imports only its own stages
+
+        return run_multiclass(session, session.plan)
+    from carvana.pipeline.binary import run_binary
+
+    return run_binary(session, session.plan)
+
+
+def main(defaults: dict[str, Any], source: str, doc: str, argv: Sequence[str] | None = None) -> int:
+    """main.py's entry: parse, run, and print user errors as one line (completed work is kept)."""
+    command = parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0])
+    try:
+        return run_command(command)
+    except USER_ERRORS as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        return 1

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,17 +24,18 @@ from torch.utils.data import DataLoader
 
 from carvana.data.datasets import TestImageDataset, read_image, read_mask
 from carvana.data.postprocess import upsample_mask
+from carvana.models.registry import output_size
+from carvana.pipeline.fit import TaskData, train_model
+from carvana.pipeline.plans import PlanError
+from carvana.pipeline.session import Session
 from carvana.submission.ensemble import load_members
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
-from carvana.training.checkpoint import load_checkpoint
+from carvana.training.checkpoint import load_checkpoint, save_checkpoint
 from carvana.training.folds import fold_files, load_or_assign_folds
 from carvana.training.gallery import GalleryEntry, write_gallery
 from carvana.training.oof import (THRESHOLD_GRID, choose_threshold, dice_column, format_summary, score_fold,
                                   summarize, write_csv, write_json)
-
-# train_fold(fold, models_dir, log_dir, train_images, train_masks, valid_images, valid_masks) -> classifier
-TrainFold = Callable[..., object]
 
 
 @dataclass
@@ -53,40 +52,52 @@ def parse_fold(text: str, k: int) -> list[int]:
     try:
         n = int(text)
     except ValueError:
-        raise SystemExit(f"error: --fold {text!r}: expected 'all' or a fold number 0..{k - 1}") from None
+        raise PlanError(f"--fold {text!r}: expected 'all' or a fold number 0..{k - 1}") from None
     if not 0 <= n < k:
-        raise SystemExit(f"error: --fold {n}: --folds {k} has folds 0..{k - 1}")
+        raise PlanError(f"--fold {n}: --folds {k} has folds 0..{k - 1}")
     return [n]
 
 
-def run_folds(hp: SimpleNamespace, run: str, images: Sequence[Path], masks: Sequence[Path],
-              input_hw: tuple[int, int], models_root: Path, logs_root: Path, train_fold: TrainFold,
-              threshold: float, auto_threshold: bool) -> FoldsResult:
+def fold_table(session: Session, images: list[Path]) -> pd.DataFrame:
+    """The run's car-grouped fold of every image (assigned once, kept in folds.csv for resume)."""
+    hp = session.hp
+    try:
+        table = load_or_assign_folds(session.log_dir / "folds.csv", images, hp.folds, hp.seed) if session.main else None
+    except ValueError as exc:  # too few cars, or a folds.csv that does not fit this data
+        raise PlanError(str(exc)) from None
+    return dist.broadcast_object(table)
+
+
+def is_scored(oof_csv: Path, threshold: float) -> bool:
+    """Whether a fold's scores exist and hold the Dice at ``threshold`` (an off-grid threshold
+    given after the fold was scored needs it scored again)."""
+    if not oof_csv.exists():
+        return False
+    return dice_column(threshold) in pd.read_csv(oof_csv, nrows=0).columns
+
+
+def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold: bool) -> FoldsResult:
     """Train (or resume, or skip) the requested folds, score each out of fold, summarise."""
-    main = dist.is_main_process()
-    run_models, run_logs = models_root / run, logs_root / run
-    table = dist.broadcast_object(load_or_assign_folds(run_logs / "folds.csv", images, hp.folds, hp.seed) if main else None)
+    hp, main = session.hp, session.main
+    images, masks = data.train_images + data.valid_images, data.train_masks + data.valid_masks
+    table = fold_table(session, images)
     folds = parse_fold(hp.fold, hp.folds)
     grid = sorted(set(THRESHOLD_GRID) | {float(threshold)})
     for f in folds:
-        fold_models, fold_logs = run_models / f"fold{f}", run_logs / f"fold{f}"
-        if (fold_logs / "oof.csv").exists() and (hp.resume or not hp.train):
+        fold_models, fold_logs = session.models_dir / f"fold{f}", session.log_dir / f"fold{f}"
+        if is_scored(fold_logs / "oof.csv", threshold):
             if main:
                 print(f"fold {f}/{hp.folds}: finished earlier, skipped")
             continue
-        if not hp.train:
-            continue
-        train_i, train_m, valid_i, valid_m = fold_files(table, f, images, masks)
-        if main:
-            print(f"\n=== fold {f} of {hp.folds}: {len(train_i)} train / {len(valid_i)} valid images "
-                  f"({table.loc[table['fold'] == f, 'car'].nunique()} validation cars) ===")
-        classifier = train_fold(f, fold_models, fold_logs, train_i, train_m, valid_i, valid_m)
+        split = fold_files(table, f, images, masks)
+        if hp.train:
+            if main:
+                print(f"\n=== fold {f} of {hp.folds}: {len(split[0])} train / {len(split[2])} valid images "
+                      f"({table.loc[table['fold'] == f, 'car'].nunique()} validation cars) ===")
+            train_model(hp, session.device, data, split, fold_models, fold_logs, session.run)
         dist.barrier()  # best.pt is written
-        if main:  # the fold's best weights score its validation cars (one process is enough: ~1/K of train)
-            classifier.load_state_dict(load_checkpoint(fold_models / "best.pt", classifier.device), weights_only=True)
-            scores = score_fold(classifier, valid_i, valid_m, input_hw, grid, hp.tta, hp.predict_batch_size, hp.workers)
-            meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
-            scores = pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=f)
+        if main and (fold_models / "best.pt").is_file():  # one process scores: ~1/K of train
+            scores = score_best(fold_models / "best.pt", split[2], split[3], table, f, grid, session)
             write_csv(scores, fold_logs / "oof.csv")
             print(f"fold {f}: OOF Dice {scores[dice_column(threshold)].mean():.5f} on {len(scores)} images")
         dist.barrier()
@@ -94,13 +105,36 @@ def run_folds(hp: SimpleNamespace, run: str, images: Sequence[Path], masks: Sequ
     summary = None
     if main:
         paths = {Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}
-        threshold, summary = summarize_run(run_logs, hp.folds, threshold, auto_threshold, paths, run_models, hp.tta)
+        threshold, summary = summarize_run(session.log_dir, hp.folds, threshold, auto_threshold, paths,
+                                           session.models_dir, hp.tta)
+        record_threshold([session.models_dir / f"fold{f}" / "best.pt" for f in range(hp.folds)], threshold)
     threshold = float(dist.broadcast_object(threshold))
-    members = [run_models / f"fold{f}" / "best.pt" for f in folds]
+    members = [session.models_dir / f"fold{f}" / "best.pt" for f in folds]
     missing = [str(p) for p in members if not p.is_file()]
     if missing:
-        raise SystemExit(f"error: fold model(s) missing: {', '.join(missing)}; train them (without --no-train)")
+        raise PlanError(f"fold model(s) missing: {', '.join(missing)}; train them (without --no-train)")
     return FoldsResult(members, threshold, summary)
+
+
+def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], table: pd.DataFrame, fold: int,
+               grid: list[float], session: Session) -> pd.DataFrame:
+    """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
+    model's own data size): one row per image with its Dice at each threshold of ``grid``."""
+    hp = session.hp
+    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last)
+    scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
+                        hp.predict_batch_size, hp.workers)
+    meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
+    return pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=fold)
+
+
+def record_threshold(checkpoints: list[Path], threshold: float) -> None:
+    """Store the threshold prediction uses in each fold's best.pt (``hparams.threshold``), so
+    segment and export apply the one OOF chose rather than 0.5."""
+    for path in (p for p in checkpoints if p.is_file()):
+        state = load_checkpoint(path)
+        if (state.get("hparams") or {}).get("threshold") != threshold:
+            save_checkpoint({**state, "hparams": {**(state.get("hparams") or {}), "threshold": threshold}}, path)
 
 
 def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool,
@@ -110,7 +144,7 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
              for f in range(k) if (run_logs / f"fold{f}" / "oof.csv").exists()]
     if not parts:
         if auto_threshold:
-            raise SystemExit("error: --threshold auto needs out-of-fold scores, and no fold of this run is scored yet")
+            raise PlanError("--threshold auto needs out-of-fold scores, and no fold of this run is scored yet")
         return threshold, None
     oof = pd.concat(parts, ignore_index=True).sort_values("image").reset_index(drop=True)
     means = None
@@ -139,8 +173,8 @@ def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], run_
     for fold in sorted({int(w["fold"]) for w in worst}):
         names = [w["image"] for w in worst if int(w["fold"]) == fold]
         (member,) = load_members([run_models / f"fold{fold}" / "best.pt"], [1.0])
-        collect = _Keep()
-        loader = DataLoader(TestImageDataset([paths[n][0] for n in names], member.config.input_size), batch_size=4)
+        collect = _Keep()  # images at the model's data size: unet-original pads them itself
+        loader = DataLoader(TestImageDataset([paths[n][0] for n in names], output_size(member.config)), batch_size=4)
         member.classifier.predict(loader, [collect], tta=tta)
         probs.update(collect.probs)
     return [GalleryEntry(w["image"], read_image(paths[w["image"]][0]), upsample_mask(probs[w["image"]], threshold),

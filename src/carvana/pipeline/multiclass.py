@@ -1,55 +1,66 @@
 """``python main.py --dataset oxford-pet|carla|folder`` or ``--classes N`` (N >= 2): the same
-stages as carvana.pipeline for multi-class segmentation.
+run as the binary task for multi-class segmentation, with the same run, training and
+checkpoint decisions (carvana.pipeline.fit, runs).
 
-data (adapter) -> split -> loaders -> model (N logit maps) -> train (CE + Dice, mean IoU)
--> predict (one indexed-palette PNG per image into output/<run>/masks/) -> summary.
-The loaders, classifier, callbacks, checkpoints and torchrun glue are the binary path's.
+data (adapter) -> split -> [train (CE + Dice, mean IoU)] -> predict with the run's best.pt or
+--checkpoint (one indexed-palette PNG per image into output/<run>/masks/) -> summary.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
-from torch.utils.data import DataLoader
 
-from carvana.data.datasets import train_augmentation
+from carvana.data.class_datasets import SegmentationData, SegmentationDataset, collate_segmentation, \
+    load_segmentation_data
 from carvana.data.demo_trimap import CLASS_NAMES as DEMO_CLASS_NAMES, write_demo_trimap_dataset
-from carvana.data.class_datasets import SegmentationDataset, collate_segmentation, load_segmentation_data
-from carvana.data.palette import label_grid
-from carvana.models.registry import ModelConfig, build_model, make_config, output_size, parse_size
-from carvana.models.smp_nets import resolve_encoder_weights
-from carvana.pipeline.binary import (LOGS_DIR, MODELS_DIR, StageTimer, classifier_from_settings, make_train_loader, resolve_run,
-                              seed_everything, write_json)
+from carvana.models.registry import output_size
+from carvana.pipeline.fit import TaskData, classifier_for, prediction_model, task_for, train_model
+from carvana.pipeline.plans import SINGLE, PlanError
+from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
 from carvana.training import distributed as dist
-from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, load_checkpoint, model_config_of
-from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
-from carvana.training.tasks import MULTICLASS_COLUMNS, MultiClassTask, PerClassTableLogger
+from carvana.training.tasks import PerClassTableLogger
 
 DEFAULT_CLASSES = {"oxford-pet": 3, "carla": 13, "folder": 0}  # 0: must be given (the demo trimaps have 3)
 
 
-def _floats(text: str, name: str) -> list[float] | None:
+def class_data(session: Session) -> TaskData:
+    """The data set's listed, split files as a TaskData (rank 0 writes the demo trimaps)."""
+    hp = session.hp
     try:
-        return [float(x) for x in text.split(",")] if text.strip() else None
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+        found = resolve_data(hp)
+    except ValueError as exc:  # the adapters' own checks: class counts, names, split size
+        raise PlanError(str(exc)) from None
+    classes = found.classes
+
+    def make_set(images, masks, data_hw, augment, full_masks):
+        return SegmentationDataset(images, masks, data_hw, found.mask_kind, classes, augment, full_masks=full_masks,
+                                   seed=hp.seed + dist.rank())
+
+    if session.main:
+        print(f"data: {found.source}: {classes} classes ({', '.join(found.class_names)}); {len(found.train_images)} "
+              f"train / {len(found.valid_images)} valid images; predicting {len(found.test_images)} from "
+              f"{found.test_source}")
+    if not found.test_images:
+        raise PlanError(f"{found.test_source or 'the data set'}: no images to predict")
+    return TaskData(found.source, found.train_images, found.train_masks, found.valid_images, found.valid_masks,
+                    found.test_images, make_set, collate_segmentation, found.class_names, classes)
 
 
-def resolve_data(hp: SimpleNamespace) -> tuple[Any, int]:
+def resolve_data(hp: Any) -> SegmentationData:
     """The adapter's listed, split files and the class count (rank 0 writes the demo trimaps)."""
     dataset, classes = ("folder" if hp.dataset == "carvana" else hp.dataset), hp.classes
     root, names = Path(hp.data_dir) if hp.data_dir else None, [n.strip() for n in hp.class_names.split(",") if n.strip()]
     if hp.dataset == "carvana" and root is not None:
-        raise SystemExit("Carvana masks are binary: use --classes 1, or --dataset folder|oxford-pet|carla for class masks")
+        raise PlanError("Carvana masks are binary: use --classes 1, or --dataset folder|oxford-pet|carla for class masks")
     if root is None:
         if dataset != "folder":
-            raise SystemExit(f"--dataset {dataset} needs --data-dir (the folder in its own layout); "
+            raise PlanError(f"--dataset {dataset} needs --data-dir (the folder in its own layout); "
                              "--dataset folder without --data-dir runs on the demo cars as 3-class trimaps")
         root = Path(hp.data_root) / "demo-trimap"
         if dist.is_main_process():
@@ -62,103 +73,44 @@ def resolve_data(hp: SimpleNamespace) -> tuple[Any, int]:
     if classes <= 1:
         classes = DEFAULT_CLASSES.get(dataset, 0)
         if not classes:
-            raise SystemExit(f"--dataset {dataset} needs --classes N (N >= 2: the number of class ids in its masks)")
-    data = load_segmentation_data(dataset, root, classes, hp.validation_size, hp.seed,
+            raise PlanError(f"--dataset {dataset} needs --classes N (N >= 2: the number of class ids in its masks)")
+    return load_segmentation_data(dataset, root, classes, hp.validation_size, hp.seed,
                                   Path(hp.test_dir) if hp.test_dir else None, names or None)
-    return data, classes
 
 
-def model_config_for(hp: SimpleNamespace, classes: int, input_hw: tuple[int, int]) -> ModelConfig:
-    """This run's network; with --no-train --checkpoint, the checkpoint's own (classes must agree)."""
-    if not hp.train and hp.checkpoint:
-        config = model_config_of(load_checkpoint(Path(hp.checkpoint)), hp.checkpoint)
-        if config.classes != classes:
-            raise CheckpointError(f"{hp.checkpoint}: a {config.classes}-class model, but this data set has {classes} classes")
-        return config
-    # --arch/--encoder as in the binary path (the tutorials' recipe is --arch unet --encoder mobilenet_v2).
-    config = make_config(hp.arch, hp.width, classes, input_hw, hp.encoder, hp.encoder_weights)
-    if hp.train and not hp.resume:
-        resolve_encoder_weights(config.encoder, config.encoder_weights)
-    return config
-
-
-def run_multiclass_pipeline(hp: SimpleNamespace) -> int:
-    """Every stage of a multi-class run; returns the process exit code."""
-    stage_done = StageTimer()
-    times = stage_done.seconds
-
-    device = dist.init(hp.device, timeout_s=hp.dist_timeout)
-    main_process = dist.is_main_process()
-    seed_everything(hp.seed)
-    input_hw = parse_size(hp.input_size)
-    run = dist.broadcast_object(resolve_run(hp) if main_process else None)
-    models_dir, log_dir = MODELS_DIR / run, LOGS_DIR / run
-    if main_process:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        write_json(log_dir / "hparams.json", vars(hp))
-
-    # 1. data
-    data, classes = resolve_data(hp)
-    if main_process:
-        print(f"data: {data.source}: {classes} classes ({', '.join(data.class_names)}); {len(data.train_images)} train / "
-              f"{len(data.valid_images)} valid images; predicting {len(data.test_images)} from {data.test_source}")
-    stage_done("data")
-
-    # 2. model, task and classifier
-    config = model_config_for(hp, classes, input_hw)
-    input_hw = output_size(config)  # data size; unet-original's input adds its margin
-    task = MultiClassTask(classes, data.class_names, hp.ce_weight, hp.dice_weight, _floats(hp.class_weights, "class-weights"))
-    classifier = classifier_from_settings(hp, build_model(config), config, device, task=task)
-    pin = classifier.device.type == "cuda"
-    last_path = models_dir / "last.pt"
-    if hp.resume and last_path.exists():
-        classifier.load_state_dict(load_checkpoint(last_path, classifier.device))
-        if main_process:
-            print(f"resuming run {run} from {last_path} after epoch {classifier.epoch + 1}")
-
-    # 3. train
-    if hp.train and classifier.epoch + 1 < hp.epochs:
-        augment = train_augmentation(hp.seed + dist.rank()) if hp.augment else None
-        train_set = SegmentationDataset(data.train_images, data.train_masks, input_hw, data.mask_kind, classes, augment,
-                                        seed=hp.seed + dist.rank())
-        valid_loader = None
-        if data.valid_images:
-            valid_set = SegmentationDataset(data.valid_images, data.valid_masks, input_hw, data.mask_kind, classes,
-                                            full_masks=True)
-            valid_loader = DataLoader(valid_set, batch_size=hp.batch_size, sampler=dist.ShardSampler(len(valid_set)),
-                                      num_workers=hp.workers, pin_memory=pin, persistent_workers=hp.workers > 0,
-                                      collate_fn=collate_segmentation)
-        callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=f"python main.py --resume --run-name {run}"),
-                     ConsoleLogger(), CSVLogger(log_dir, MULTICLASS_COLUMNS),
-                     PreviewLogger(log_dir, grid_fn=lambda p: label_grid(p.images, p.truths, p.probs, data.class_names)),
-                     PerClassTableLogger(log_dir)]
-        classifier.train(make_train_loader(train_set, hp, pin), valid_loader, hp.epochs, callbacks)
-    dist.barrier()
-    stage_done("train")
-
-    # 4. predict with the best weights: one palette PNG per image at its own size
-    weights = Path(hp.checkpoint) if hp.checkpoint else models_dir / "best.pt"
-    if weights.exists() or hp.checkpoint:
-        classifier.load_state_dict(load_checkpoint(weights, classifier.device), weights_only=True)
-    elif not hp.train:
-        raise SystemExit(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
-                         "or the --run-name of a trained run")
-    masks_dir = Path(hp.output).parent / run / "masks"
-    written = predict_to_masks(classifier, data.test_images, masks_dir, input_hw, data.class_names,
+def run_multiclass(session: Session, plan: str) -> int:
+    """Every stage of a multi-class run (a single split, or predict only); returns the exit code."""
+    hp = session.hp
+    data = class_data(session)
+    session.timer("data")
+    weights = Path(hp.checkpoint) if hp.checkpoint else session.models_dir / "best.pt"
+    if plan == SINGLE:
+        split = (data.train_images, data.train_masks, data.valid_images, data.valid_masks)
+        classifier = train_model(hp, session.device, data, split, session.models_dir, session.log_dir, session.run,
+                                 extra=[PerClassTableLogger(session.log_dir)])
+        dist.barrier()  # rank 0 has written best.pt
+        epochs = classifier.epoch + 1
+    elif not weights.exists() and not hp.checkpoint:
+        raise PlanError(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
+                        "or the --run-name of a trained run")
+    session.timer("train")
+    # Predict with the best weights, in the network their checkpoint describes.
+    given = {k: getattr(hp, k) for k in session.given} if plan != SINGLE else {}  # trained: the flags' own model
+    model, config = prediction_model(weights, data.classes, given)
+    classifier = classifier_for(hp, model, config, session.device, task_for(hp, data))
+    masks_dir = Path(hp.output).parent / session.run / "masks"
+    written = predict_to_masks(classifier, data.test_images, masks_dir, output_size(config), data.class_names,
                                batch_size=hp.predict_batch_size, loader_workers=hp.workers, tta=hp.tta,
                                tag=weights_digest(classifier.model.state_dict()))  # the weights' contents
-    stage_done("predict")
-
-    if main_process:
-        summary = {"run": run, "data": data.source, "classes": classes, "class_names": data.class_names,
-                   "model": config.describe(), "train_images": len(data.train_images),
-                   "valid_images": len(data.valid_images), "predicted_from": data.test_source,
-                   "masks": str(masks_dir), "masks_written": written, "epochs_trained": classifier.epoch + 1,
-                   **best_epoch_figures(log_dir), "seconds_per_stage": times}
-        write_json(log_dir / "summary.json", summary)
-        print("\n=== summary ===")
-        for key, value in summary.items():
-            print(f"{key:>18}: {value}")
+    session.timer("predict")
+    if session.main:
+        summary = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
+                   "model": config.describe(), "weights": str(weights), "train_images": len(data.train_images),
+                   "valid_images": len(data.valid_images), "predicted": len(data.test_images), "masks": str(masks_dir),
+                   "masks_written": written, **({"epochs_trained": epochs} if plan == SINGLE else {}),
+                   **best_epoch_figures(session.log_dir), "seconds_per_stage": session.timer.seconds}
+        write_json(session.record_name("summary"), summary)
+        print_summary(summary)
     dist.shutdown()
     return 0 if written == len(data.test_images) else 1
 

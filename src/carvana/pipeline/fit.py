@@ -1,0 +1,170 @@
+"""The decisions every training and prediction plan shares, each made once: which network
+(the settings' for training, the checkpoint's for prediction), the task, the classifier,
+the augmentation, the loaders, and one training function for a split or a fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from carvana.data.datasets import seed_worker, train_augmentation
+from carvana.data.palette import label_grid
+from carvana.data.sampling import EpochSampler
+from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
+from carvana.models.smp_nets import resolve_encoder_weights
+from carvana.pipeline.plans import PlanError
+from carvana.pipeline.runs import resume_hint
+from carvana.training import distributed as dist
+from carvana.training.callbacks import Callback
+from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint, \
+    load_model
+from carvana.training.classifier import CarvanaClassifier
+from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
+from carvana.training.losses import BCEDiceLoss
+from carvana.training.tasks import MULTICLASS_COLUMNS, BinaryTask, MultiClassTask
+
+# Makes a dataset: (images, masks, data size HxW, augmentation or None, full_masks) -> Dataset.
+MakeSet = Callable[[Sequence[Path], Sequence[Path], tuple[int, int], Any, bool], Dataset]
+
+
+@dataclass
+class TaskData:
+    """A task's listed and split files and how to read them, whatever the data set."""
+
+    source: str
+    train_images: list[Path]
+    train_masks: list[Path]
+    valid_images: list[Path]
+    valid_masks: list[Path]
+    test_images: list[Path]
+    make_set: MakeSet
+    collate: Callable | None = None
+    class_names: list[str] = field(default_factory=list)
+    classes: int = 1
+
+
+def training_config(hp: SimpleNamespace, classes: int, fresh: bool) -> ModelConfig:
+    """The network --arch/--encoder/--width/--input-size describe. Only a fresh build needs the
+    encoder's pretrained weights: they are resolved (cached, downloaded once, or one clear
+    error offline) then, never when a checkpoint is about to replace them."""
+    config = make_config(hp.arch, hp.width, classes, parse_size(hp.input_size), hp.encoder, hp.encoder_weights)
+    if fresh:
+        resolve_encoder_weights(config.encoder, config.encoder_weights)
+    return config
+
+
+def prediction_model(weights: Path, classes: int, given: dict[str, Any]) -> tuple[torch.nn.Module, ModelConfig]:
+    """The network a checkpoint describes, with its weights, for a run of ``classes`` classes.
+    A model setting given explicitly must agree with it; another task's model is refused."""
+    model, config, _ = load_model(weights)
+    if config.classes != classes:
+        kind = "binary (car mask)" if config.classes == 1 else f"{config.classes}-class"
+        task = "the binary Carvana task" if classes == 1 else f"this {classes}-class data set"
+        raise CheckpointError(f"{weights}: a {kind} model, which cannot predict {task}")
+    check_settings_match(config, given, weights)
+    return model, config
+
+
+def parse_crop(text: str, config: ModelConfig) -> tuple[int, int] | None:
+    """--crop HxW (None when empty): inside the data size and a size the network can take."""
+    if not text:
+        return None
+    crop = parse_size(text)
+    data_hw = output_size(config)
+    if crop[0] > data_hw[0] or crop[1] > data_hw[1]:
+        raise PlanError(f"--crop {text} is larger than --input-size {data_hw[0]}x{data_hw[1]}")
+    try:
+        make_config(config.arch, config.width, config.classes, crop, config.encoder or "resnet34", "none")
+    except ModelConfigError as exc:
+        raise PlanError(f"--crop {text}: {exc}") from None
+    return crop
+
+
+def task_for(hp: SimpleNamespace, data: TaskData) -> BinaryTask | MultiClassTask:
+    """The task object: binary BCE + Dice (boundary-weighted as set) or multi-class CE + Dice."""
+    if data.classes == 1:
+        return BinaryTask(BCEDiceLoss(hp.bce_weight, hp.dice_weight, boundary_weight=hp.boundary_weight,
+                                      boundary_band=hp.boundary_band, boundary_dice=hp.boundary_dice))
+    weights = [float(x) for x in hp.class_weights.split(",")] if hp.class_weights.strip() else None
+    return MultiClassTask(data.classes, data.class_names, hp.ce_weight, hp.dice_weight, weights)
+
+
+def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelConfig, device: str,
+                   task: Any) -> CarvanaClassifier:
+    """A CarvanaClassifier with every training setting, the same for every plan and task."""
+    return CarvanaClassifier(
+        model, model_config=config, task=task, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+        weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
+        channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
+        threshold=_threshold_value(hp),
+    )
+
+
+def _threshold_value(hp: SimpleNamespace) -> float:
+    try:  # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
+        return float(hp.threshold)
+    except ValueError:
+        return 0.5
+
+
+def make_train_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate: Callable | None = None) -> DataLoader:
+    """Shuffled batches (sharded by rank under torchrun) whose order and augmentation depend
+    only on (seed, epoch, rank): a resumed run sees what an uninterrupted one would."""
+    sampler = EpochSampler(dataset, seed=hp.seed, rank=dist.rank(), world=dist.world_size())
+    return DataLoader(
+        dataset, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.workers, pin_memory=pin,
+        drop_last=len(sampler) > hp.batch_size,  # no BatchNorm on a 1-image tail batch
+        persistent_workers=hp.workers > 0, worker_init_fn=seed_worker, collate_fn=collate,
+        generator=torch.Generator().manual_seed(hp.seed + dist.rank()),  # own augmentation stream per rank
+    )
+
+
+def make_valid_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate: Callable | None = None) -> DataLoader:
+    """In order; under torchrun rank r scores images r, r+W, ...: each image once over all
+    ranks (no padding), so the all-reduced figures are the single-process ones."""
+    return DataLoader(dataset, batch_size=hp.batch_size, sampler=dist.ShardSampler(len(dataset)),
+                      num_workers=hp.workers, pin_memory=pin, persistent_workers=hp.workers > 0, collate_fn=collate)
+
+
+def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[list, list, list, list],
+                models_dir: Path, log_dir: Path, run: str, extra: Sequence[Callback] = ()) -> CarvanaClassifier:
+    """Build (or resume from ``models_dir/last.pt``) and train one model on ``split`` = (train
+    images, train masks, valid images, valid masks): a single split's model or one fold's."""
+    last = models_dir / "last.pt"
+    resuming = hp.resume and last.exists()
+    config = training_config(hp, data.classes, fresh=not resuming)
+    classifier = classifier_for(hp, build_model(config, pretrained=not resuming), config, device, task_for(hp, data))
+    if resuming:
+        classifier.load_state_dict(load_checkpoint(last, classifier.device), path=str(last))
+        if dist.is_main_process():
+            print(f"resuming run {run} from {last} after epoch {classifier.epoch + 1}")
+            if classifier.resumed_from_epochs is not None:
+                print(f"--epochs changed from {classifier.resumed_from_epochs} to {hp.epochs}: the cosine LR schedule "
+                      f"continues as if the run had been started with {hp.epochs} epochs")
+    if classifier.epoch + 1 >= hp.epochs:
+        return classifier
+    data_hw, pin = output_size(config), classifier.device.type == "cuda"
+    augment = train_augmentation(hp.seed, parse_crop(hp.crop, config), hp.augment)
+    train_images, train_masks, valid_images, valid_masks = split
+    train_set = data.make_set(train_images, train_masks, data_hw, augment, False)
+    valid_loader = make_valid_loader(data.make_set(valid_images, valid_masks, data_hw, None, True), hp, pin,
+                                     data.collate) if valid_images else None
+    callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=resume_hint(run)), ConsoleLogger(),
+                 CSVLogger(log_dir, *([] if data.classes == 1 else [MULTICLASS_COLUMNS])),
+                 PreviewLogger(log_dir, classifier.threshold, grid_fn=preview_grid(data)), *extra]
+    classifier.train(make_train_loader(train_set, hp, pin, data.collate), valid_loader, hp.epochs, callbacks)
+    return classifier
+
+
+def preview_grid(data: TaskData) -> Callable | None:
+    """The preview picture: the binary overlay (None), or the class-label grid."""
+    if data.classes == 1:
+        return None
+    return lambda p: label_grid(p.images, p.truths, p.probs, data.class_names)

@@ -1,0 +1,95 @@
+"""A run is a task (binary Carvana masks | multi-class) and a plan (single split | K folds |
+ensemble of given models | predict only). This module chooses both from the settings and
+refuses, before any work, a combination the code does not support, naming the flags.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from carvana.pipeline.settings import flag_of
+
+BINARY, MULTICLASS = "binary", "multiclass"
+SINGLE, FOLDS, ENSEMBLE, PREDICT = "single split", "folds", "ensemble", "predict only"
+
+# Settings only the binary Carvana path uses (Kaggle submission, BCE/boundary loss, folds,
+# ensembles), and only the multi-class path uses: given for the other task, they are refused.
+BINARY_ONLY = ("hq", "threshold", "test_sample_size", "chunk_size", "postprocess_workers", "submit", "message",
+               "bce_weight", "boundary_weight", "boundary_band", "boundary_dice", "ensemble", "ensemble_weights",
+               "folds", "fold")
+MULTICLASS_ONLY = ("ce_weight", "class_weights", "class_names", "test_dir")
+
+
+class PlanError(ValueError):
+    """Settings that do not make a run, with the flags named."""
+
+
+def choose_task(hp: SimpleNamespace) -> str:
+    """Multi-class for --classes N >= 2 or any data set other than Carvana; binary otherwise."""
+    return MULTICLASS if hp.classes > 1 or hp.dataset != "carvana" else BINARY
+
+
+def choose_plan(hp: SimpleNamespace) -> str:
+    """--ensemble predicts with given models; --folds trains (or, with --no-train, predicts
+    with) the run's fold models; --no-train predicts with one model; else a single split."""
+    if hp.ensemble:
+        return ENSEMBLE
+    if hp.folds:
+        return FOLDS
+    return SINGLE if hp.train else PREDICT
+
+
+def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str]) -> None:
+    """Raise PlanError for settings this task and plan cannot honour."""
+    refuse = _refuser(given)
+    if hp.folds == 1 or hp.folds < 0:
+        raise PlanError(f"--folds {hp.folds}: use --folds K with K >= 2 (K car-grouped folds), or 0 for one split")
+    if str(hp.fold).strip().lower() != "all" and not hp.folds:
+        refuse("fold", "it picks one of --folds K; add --folds K")
+    if hp.ensemble_weights and not hp.ensemble:
+        refuse("ensemble_weights", "it weighs --ensemble members; add --ensemble")
+    if hp.checkpoint and hp.train:
+        refuse("checkpoint", "it names the weights --no-train predicts with, and this run trains its own model; "
+                             "add --no-train, or drop --checkpoint")
+    if hp.checkpoint and plan in (FOLDS, ENSEMBLE):
+        refuse("checkpoint", f"{plan} predict with their own models (--ensemble takes checkpoints too)")
+    if plan == ENSEMBLE:
+        for name, why in (("folds", "train the folds first, then name their run folder in --ensemble"),
+                          ("resume", "an ensemble trains nothing (its prediction resumes by itself)")):
+            if getattr(hp, name) and name in given:
+                refuse(name, f"with --ensemble: {why}")
+    if hp.submit and hp.test_sample_size < 1.0:
+        refuse("submit", "--test-sample-size below 1 predicts only part of the test set, which Kaggle rejects")
+    if task == MULTICLASS:
+        for name in BINARY_ONLY:
+            if name in given:
+                refuse(name, "the binary Carvana path uses it, and this is a multi-class run "
+                             f"(--dataset {hp.dataset}, --classes {hp.classes})")
+    else:
+        for name in MULTICLASS_ONLY:
+            if name in given:
+                refuse(name, "only multi-class runs (--dataset oxford-pet|carla|folder, --classes N) use it")
+    parse_threshold(str(hp.threshold), hp.folds)
+
+
+def _refuser(given: dict[str, str]):
+    def refuse(name: str, why: str) -> None:
+        where = f" (from {given[name]})" if given.get(name, "command line") != "command line" else ""
+        raise PlanError(f"{flag_of(name)}{where}: not used here: {why}")
+
+    return refuse
+
+
+def parse_threshold(text: str, folds: int) -> tuple[bool, float]:
+    """--threshold: a probability, or 'auto' (chosen on out-of-fold predictions, so --folds K)."""
+    if text.strip().lower() == "auto":
+        if not folds:
+            raise PlanError("--threshold auto chooses on out-of-fold predictions: it needs --folds K (K >= 2)")
+        return True, 0.5
+    try:
+        value = float(text)
+    except ValueError:
+        raise PlanError(f"--threshold {text!r}: expected a probability in [0, 1] or 'auto'") from None
+    if not 0.0 <= value <= 1.0:
+        raise PlanError(f"--threshold {value}: expected a probability in [0, 1] or 'auto'")
+    return False, value

@@ -1,0 +1,144 @@
+"""What every run has: its process group and device, its name and folders, its settings
+record, a stage clock, and one way to report user errors (timm's task objects, in spirit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from carvana.data.datasets import ImageReadError
+from carvana.data.fetcher import CorruptArchiveError, DatasetLayoutError, UnsafeArchiveError
+from carvana.data.kaggle_client import KaggleError
+from carvana.data.mask_table import MaskTableError
+from carvana.models.registry import ModelConfigError
+from carvana.models.smp_nets import EncoderWeightsError
+from carvana.pipeline.plans import PlanError
+from carvana.pipeline.runs import RunError, adopt_recorded_settings, continues_run, logs_dir, models_dir, resolve_run, \
+    start_afresh
+from carvana.pipeline.settings import Command, RecipeError
+from carvana.submission.gzip_stream import SubmissionWriteError
+from carvana.submission.validate import SubmissionError
+from carvana.training import distributed as dist
+from carvana.training.checkpoint import CheckpointError
+from carvana.training.precision import choose_precision
+
+# Errors whose message already says what is wrong and what to do: main.py prints them as
+# one line, without a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
+               KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure,
+               MaskTableError, ModelConfigError, EncoderWeightsError, RunError, RecipeError, PlanError)
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line to show for a user error. An error raised in a DataLoader worker comes back
+    re-raised with the worker's traceback as its message: its last line is the original."""
+    text = str(exc)
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception|Failure): ", "", last.strip())
+    return " ".join(text.split("\n")).strip()
+
+
+class StageTimer:
+    """Seconds per stage, in order: call it with a stage's name when that stage ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._clock, 1)
+        self._clock = now
+
+
+@dataclass
+class Session:
+    """One invocation of main.py: settings (final), run, folders, device, clock."""
+
+    hp: SimpleNamespace
+    run: str
+    device: str
+    main: bool  # rank 0 (or the only process): writes files, prints
+    task: str  # plans.BINARY | plans.MULTICLASS
+    plan: str  # plans.SINGLE | FOLDS | ENSEMBLE | PREDICT
+    given: dict[str, str] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)  # the run's recorded settings when it continues one
+    timer: StageTimer = field(default_factory=StageTimer)
+
+    @property
+    def models_dir(self) -> Path:
+        return models_dir(self.run)
+
+    @property
+    def log_dir(self) -> Path:
+        return logs_dir(self.run)
+
+    def record_name(self, name: str) -> Path:
+        """``<log_dir>/<name>.json`` for a training run, ``predict_<name>.json`` for --no-train (which
+        often works under the training run's name and must keep its records)."""
+        return self.log_dir / (f"{name}.json" if self.hp.train else f"predict_{name}.json")
+
+
+def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str, str]]) -> Session:
+    """Start the process group, settle the run and its final settings, let ``decide`` choose
+    (or refuse) the task and plan from them before anything is written, then write the
+    settings record."""
+    hp = command.hp
+    device = dist.init(hp.device, timeout_s=hp.dist_timeout)
+    main = dist.is_main_process()
+    run, record = dist.broadcast_object(_settle_run(hp, command.given, decide) if main else None)
+    if not main:  # every rank runs with rank 0's settings (the record it read)
+        for name, value in record.get("settings", {}).items():
+            setattr(hp, name, value)
+    seed_everything(hp.seed)
+    session = Session(hp, run, device, main, *record["decided"], command.given, record.get("recorded", {}))
+    if main:
+        session.log_dir.mkdir(parents=True, exist_ok=True)
+        precision = choose_precision(torch.device(device if device != "auto" else "cpu"), hp.amp).name
+        write_json(session.record_name("hparams"), {**vars(hp), "precision": precision,
+                                                     **({"recipe": command.recipe} if command.recipe else {})})
+    return session
+
+
+def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) -> tuple[str, dict[str, Any]]:
+    """(run name, {"recorded": the run's record, "settings": the final settings, "decided": (task,
+    plan)}) on rank 0."""
+    run = resolve_run(hp)
+    recorded = adopt_recorded_settings(hp, run, given) if continues_run(hp) else {}
+    decided = decide(hp)  # refusals come before anything is removed or written
+    if hp.train and not hp.resume and start_afresh(run):
+        print(f"run {run}: starting afresh under an existing name (its old checkpoints and fold scores were "
+              f"removed); --resume continues a run instead")
+    return run, {"recorded": recorded, "settings": vars(hp), "decided": decided}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic JSON write (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print("\n=== summary ===")
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
