@@ -19,10 +19,14 @@ everything past ``partial_bytes`` is truncated, and a new writer continues from 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import struct
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +43,51 @@ MAX_OUT = 1 << 22  # bound on decompressed bytes per zlib call while streaming
 
 class SubmissionWriteError(OSError):
     """Writing the submission failed (disk full, ...); complete chunks are kept for resuming."""
+
+
+class OutputLockedError(SubmissionWriteError):
+    """Another process is writing the same output right now (it holds the output's lock file)."""
+
+
+@contextmanager
+def exclusive_lock(target: Path) -> Iterator[Path]:
+    """Hold ``<target>.lock`` (fcntl.flock) while writing ``target``; if another process holds it,
+    raise :class:`OutputLockedError` at once, naming ``target``.
+
+    The kernel drops a flock when its holder dies (kill -9 included), so a lock file a crash left
+    behind blocks nothing. The file is removed on release; since a releaser may remove it just as
+    another process locks it, a new holder checks that its file is still the one at the path.
+    """
+    target = Path(target)
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputLockedError(f"{target}: another run is writing it right now (it holds {lock}); "
+                                        "wait for that run to end or choose another output") from None
+            # A filesystem without flock (some network/FUSE mounts): write unprotected rather than not at all.
+            warnings.warn(f"{lock}: cannot lock ({e.strerror}); not protected against a second run", stacklevel=3)
+            yield lock
+            return
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # removed by its previous holder in between: lock the new file instead
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)  # first: whoever opened it meanwhile finds it gone and retries
+        os.close(fd)
 
 
 def deflate_chunk(text: bytes, level: int = COMPRESS_LEVEL) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from carvana.data.datasets import ImageReadError, TestImageDataset, jpeg_size
 from carvana.data.palette import PALETTE, legend, palette_bytes
+from carvana.submission.gzip_stream import SubmissionWriteError, exclusive_lock
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.tasks import labels_at
@@ -72,12 +74,28 @@ def predict_to_masks(classifier: Any, images: Sequence[Path], out_dir: Path, inp
     """Predict ``images`` into ``out_dir``/<stem>.png; returns how many PNGs exist for them.
 
     Resumes: with the same ``tag`` (the weights) images whose PNG exists are skipped. Under
-    torchrun rank r predicts images r, r+W, ...
+    torchrun rank r predicts images r, r+W, ... A second run into the same folder while this one
+    runs stops at once with :class:`OutputLockedError` (rank 0 holds ``<out_dir>.lock``).
     """
     out_dir = Path(out_dir)
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise ValueError(f"{out_dir}: two images to predict share a file stem; masks would overwrite each other")
+    with ExitStack() as locks:
+        error: BaseException | None = None
+        try:  # every run has a rank 0: its lock keeps two runs (of any size) out of one folder
+            if dist.is_main_process():
+                locks.enter_context(exclusive_lock(out_dir))
+        except SubmissionWriteError as exc:
+            error = exc
+        dist.raise_if_any_failed(error, f"locking {out_dir}")
+        return _predict_unlocked(classifier, images, out_dir, input_hw, class_names, batch_size, loader_workers, tta, tag)
+
+
+def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, input_hw: tuple[int, int],
+                      class_names: Sequence[str], batch_size: int, loader_workers: int, tta: bool, tag: str) -> int:
+    """:func:`predict_to_masks` once the folder is this run's."""
+    stems = [Path(p).stem for p in images]
     fingerprint = {"tag": tag, "classes": list(class_names), "input_size": list(input_hw), "tta": tta}
     marker = out_dir / ".fingerprint"
     if dist.is_main_process():

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -32,8 +33,8 @@ from carvana.training import distributed as dist
 from carvana.data.datasets import TestImageDataset
 from carvana.submission.fingerprint import (check_finished, file_sha256, fingerprint_of, marker_path,
                                             prediction_components, weights_digest)
-from carvana.submission.gzip_stream import (COMPRESS_LEVEL, GZIP_HEADER, fsync_dir, gzip_trailer, iter_segment,
-                                            write_json_atomic)
+from carvana.submission.gzip_stream import (COMPRESS_LEVEL, GZIP_HEADER, SubmissionWriteError, exclusive_lock,
+                                            fsync_dir, gzip_trailer, iter_segment, write_json_atomic)
 from carvana.submission.predictions import HEADER_LINE, PredictionsSaverCallback
 from carvana.submission.rows import verify_rows
 
@@ -179,18 +180,36 @@ def predict_to_submission(
         classifier.predict(loader, [saver], tta=tta)
 
     if world == 1:
-        predict(PredictionsSaverCallback(output, names, threshold, chunk_size, postprocess_workers, tag=tag,
-                                         settings=settings))
+        with exclusive_lock(output):  # a second run would truncate this one's progress
+            predict(PredictionsSaverCallback(output, names, threshold, chunk_size, postprocess_workers, tag=tag,
+                                             settings=settings))
         return len(names)
+    with ExitStack() as locks:
+        error: BaseException | None = None
+        try:  # each process locks what it writes: its shard, and rank 0 the output it assembles
+            if main:
+                locks.enter_context(exclusive_lock(output))
+            locks.enter_context(exclusive_lock(shard_path(output, rank, world)))
+        except SubmissionWriteError as exc:
+            error = exc
+        dist.raise_if_any_failed(error, f"locking {output}")
+        _predict_sharded(predict, output, names, threshold, chunk_size, postprocess_workers, tag, settings, up_to_date)
+    return len(names)
 
-    # Sharded: the whole file's identity, as a single process would record it.
+
+def _predict_sharded(predict: Callable[[PredictionsSaverCallback], None], output: Path, names: list[str],
+                     threshold: float, chunk_size: int, postprocess_workers: int, tag: str,
+                     settings: Mapping[str, Any], up_to_date: str) -> None:
+    """Under torchrun: this rank's chunks into its shard, then rank 0 assembles ``output``."""
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main_process()
+    # The whole file's identity, as a single process would record it.
     components = prediction_components(names, chunk_size, threshold, True, tag, settings, COMPRESS_LEVEL)
     components["container"] = "gzip"
     identity = {"fingerprint": fingerprint_of(components), "components": components}
     if dist.broadcast_object(check_finished(output, identity)[0] if main else None):
         if main:
             print(up_to_date)
-        return len(names)
+        return
     error: BaseException | None = None
     try:
         mine = shard_names(names, chunk_size, rank, world)
@@ -207,4 +226,3 @@ def predict_to_submission(
     except BaseException as exc:
         error = exc
     dist.raise_if_any_failed(error, f"assembling {output}")
-    return len(names)
