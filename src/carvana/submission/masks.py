@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from carvana.data.datasets import ImageReadError, TestImageDataset, jpeg_size
 from carvana.data.palette import PALETTE, legend, palette_bytes
-from carvana.submission.gzip_stream import SubmissionWriteError, exclusive_lock
+from carvana.submission.gzip_stream import SubmissionWriteError, exclusive_lock, fsync_dir, write_json_atomic
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.tasks import labels_at
@@ -53,6 +53,14 @@ class PaletteMaskWriter(Callback):
             labels = labels_at(prob, self.sizes[name]).to(torch.uint8).cpu().numpy()
             write_png_atomic(labels, self.out_dir / f"{Path(name).stem}.png")
             self.written += 1
+
+
+def _read_fingerprint(marker: Path) -> dict | None:
+    """The folder's recorded fingerprint; None when absent or unreadable (then nothing is reused)."""
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_legend(out_dir: Path, class_names: Sequence[str]) -> None:
@@ -100,11 +108,12 @@ def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, in
     marker = out_dir / ".fingerprint"
     if dist.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-        same = marker.exists() and json.loads(marker.read_text() or "{}") == fingerprint
+        same = _read_fingerprint(marker) == fingerprint
         if not same:  # other weights: nothing in the folder can be reused
             for stem in stems:
                 (out_dir / f"{stem}.png").unlink(missing_ok=True)
-            marker.write_text(json.dumps(fingerprint))
+            write_json_atomic(marker, fingerprint)  # never a half-written marker, even after a crash
+            fsync_dir(out_dir)
         write_legend(out_dir, class_names)
     dist.barrier()
     mine = list(images)[dist.rank()::dist.world_size()]

@@ -40,6 +40,35 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (skipped where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def publish_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of the (already durable) ``src`` atomically, as timm's checkpoint saver:
+    hard-link ``src`` to a temp name and rename that over ``dst``; where the filesystem has no hard
+    links, copy the bytes to the temp name and fsync them instead."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # no bytes copied; src is only ever replaced by rename, never rewritten in place
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -161,10 +190,7 @@ class ModelSaverCallback(Callback):
             return
         save_checkpoint(self._state(trainer, metrics=dict(metrics)), self.last_path)
         if metrics.get("is_best"):
-            # Copy then rename, so best.pt is never a half-written file either.
-            tmp = self.best_path.with_name("best.pt.tmp")
-            shutil.copyfile(self.last_path, tmp)
-            os.replace(tmp, self.best_path)
+            publish_copy(self.last_path, self.best_path)  # never a half-written best.pt either
 
     def on_exception(self, trainer: Any, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt) and dist.is_main_process():
