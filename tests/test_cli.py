@@ -60,6 +60,6 @@ def test_every_setting_in_main_py_has_a_comment():
 def test_given_settings_are_those_typed_even_when_equal_to_the_default():
     from carvana.pipeline.settings import parse_command
 
-    command = parse_command(defaults(), ["--epochs", "3", "--lr", "2e-3", "--no-augment"])
-    assert command.given == {"epochs": "command line", "lr": "command line", "augment": "command line"}
+    command = parse_command(defaults(), ["--epochs", "3", "--lr", "1e-3", "--no-amp"])
+    assert command.given == {"epochs": "command line", "lr": "command line", "amp": "command line"}
     assert command.hp.epochs == 3 and command.recipe is None

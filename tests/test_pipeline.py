@@ -175,7 +175,8 @@ def test_resume_errors_name_the_problem(trained):
     wide = [a if a != "0.125" else "0.25" for a in TINY]
     result = run_main(cwd, "--data-dir", str(data), "--resume", "--run-name", "r1", "--epochs", "3", *wide)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "Missing key" not in result.stderr
-    assert "holds unet1024 width 0.125" in result.stderr and "width 0.25" in result.stderr
+    # A resumed run takes its recorded settings: the contradicting flag is named with both values.
+    assert "--width 0.25 (command line) contradicts run 'r1', which was started with --width 0.125" in result.stderr
 
 
 def test_a_log_off_a_terminal_gets_lines_not_progress_bars(trained):

@@ -52,9 +52,10 @@ def carvana_data(session: Session) -> TaskData:
 
     if session.main:
         print(f"data: {fetcher.source} at {fetcher.dataset_dir}: {len(train_images)} train / {len(valid_images)} valid "
-              f"images (split by car), {len(test_images)} test images; masks from "
-              f"{f'the RLE rows of {rles.path}' if rles else 'the GIFs'}")
-    return TaskData(fetcher.source, train_images, train_masks, valid_images, valid_masks, test_images, make_set)
+              f"images (split by car), {len(test_images)} test images")
+        print(f"masks: {f'RLE rows of {rles.path} ({len(rles)} rows; GIFs for images without one)' if rles else 'GIFs'}")
+    return TaskData(fetcher.source, train_images, train_masks, valid_images, valid_masks, test_images, make_set,
+                    folder=fetcher.dataset_dir)
 
 
 def run_binary(session: Session, plan: str) -> int:
@@ -63,16 +64,16 @@ def run_binary(session: Session, plan: str) -> int:
     data = carvana_data(session)
     session.timer("data")
     auto, threshold = parse_threshold(str(hp.threshold), hp.folds)
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"dataset_dir": str(data.folder)}
     if plan == SINGLE:
         classifier = train_model(hp, session.device, data, (data.train_images, data.train_masks, data.valid_images,
                                                             data.valid_masks), session.models_dir, session.log_dir,
                                  session.run)
         dist.barrier()  # rank 0 has written best.pt before any rank loads it
         paths = [session.models_dir / "best.pt"]
-        info = {"epochs_trained": classifier.epoch + 1,
-                # best_metric tracks -train_loss when there is no validation set: not a Dice then.
-                "best_valid_dice": classifier.best_metric if data.valid_images and classifier.epoch >= 0 else None}
+        # best_metric tracks -train_loss when there is no validation set: not a Dice then.
+        info.update(epochs_trained=classifier.epoch + 1,
+                    best_valid_dice=classifier.best_metric if data.valid_images and classifier.epoch >= 0 else None)
     elif plan == FOLDS:
         result = run_folds(session, data, threshold, auto)
         paths, threshold = result.members, result.threshold

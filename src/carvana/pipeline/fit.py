@@ -47,6 +47,7 @@ class TaskData:
     collate: Callable | None = None
     class_names: list[str] = field(default_factory=list)
     classes: int = 1
+    folder: Path | None = None  # the data set's folder, where it has one
 
 
 def training_config(hp: SimpleNamespace, classes: int, fresh: bool) -> ModelConfig:

@@ -106,8 +106,9 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     session = Session(hp, run, device, main, *record["decided"], command.given, record.get("recorded", {}))
     if main:
         session.log_dir.mkdir(parents=True, exist_ok=True)
-        precision = choose_precision(torch.device(device if device != "auto" else "cpu"), hp.amp).name
-        write_json(session.record_name("hparams"), {**vars(hp), "precision": precision,
+        precision = choose_precision(torch.device(device), hp.amp)  # the classifiers' own choice, said once
+        print(precision.describe())
+        write_json(session.record_name("hparams"), {**vars(hp), "precision": precision.name,
                                                      **({"recipe": command.recipe} if command.recipe else {})})
     return session
 
