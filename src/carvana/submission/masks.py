@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from carvana.data.datasets import ImageReadError, TestImageDataset, jpeg_size
 from carvana.data.palette import PALETTE, legend, palette_bytes
 from carvana.submission.gzip_stream import SubmissionWriteError, exclusive_lock, fsync_dir, write_json_atomic
+from carvana.submission.progress import DEFAULT_INTERVAL_S, ProgressLine
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.tasks import labels_at
@@ -45,14 +46,23 @@ def write_png_atomic(labels: np.ndarray, path: Path) -> None:
 class PaletteMaskWriter(Callback):
     """On each predicted batch: resize to each image's size, argmax, write ``<stem>.png``."""
 
-    def __init__(self, out_dir: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, out_dir: Path, sizes: dict[str, tuple[int, int]],
+                 progress_interval_s: float = DEFAULT_INTERVAL_S) -> None:
         self.out_dir, self.sizes, self.written = Path(out_dir), dict(sizes), 0
+        self.progress = ProgressLine(len(self.sizes), "prediction", progress_interval_s)
+
+    def on_predict_start(self, trainer: Any) -> None:
+        self.progress.restart()
 
     def on_predict_batch_end(self, trainer: Any, names: list[str], probs: Any) -> None:
         for name, prob in zip(names, probs):
             labels = labels_at(prob, self.sizes[name]).to(torch.uint8).cpu().numpy()
             write_png_atomic(labels, self.out_dir / f"{Path(name).stem}.png")
             self.written += 1
+        self.progress.advance(len(names))
+
+    def on_predict_end(self, trainer: Any) -> None:
+        self.progress.finish()
 
 
 def _read_fingerprint(marker: Path) -> dict | None:
@@ -78,12 +88,13 @@ def write_legend(out_dir: Path, class_names: Sequence[str]) -> None:
 
 def predict_to_masks(classifier: Any, images: Sequence[Path], out_dir: Path, input_hw: tuple[int, int],
                      class_names: Sequence[str], batch_size: int = 8, loader_workers: int = 2, tta: bool = False,
-                     tag: str = "") -> int:
+                     tag: str = "", progress_interval_s: float = DEFAULT_INTERVAL_S) -> int:
     """Predict ``images`` into ``out_dir``/<stem>.png; returns how many PNGs exist for them.
 
     Resumes: with the same ``tag`` (the weights) images whose PNG exists are skipped. Under
     torchrun rank r predicts images r, r+W, ... A second run into the same folder while this one
-    runs stops at once with :class:`OutputLockedError` (rank 0 holds ``<out_dir>.lock``).
+    runs stops at once with :class:`OutputLockedError` (rank 0 holds ``<out_dir>.lock``). Off a
+    terminal, rank 0 prints a progress line at most every ``progress_interval_s`` seconds.
     """
     out_dir = Path(out_dir)
     stems = [Path(p).stem for p in images]
@@ -97,11 +108,13 @@ def predict_to_masks(classifier: Any, images: Sequence[Path], out_dir: Path, inp
         except SubmissionWriteError as exc:
             error = exc
         dist.raise_if_any_failed(error, f"locking {out_dir}")
-        return _predict_unlocked(classifier, images, out_dir, input_hw, class_names, batch_size, loader_workers, tta, tag)
+        return _predict_unlocked(classifier, images, out_dir, input_hw, class_names, batch_size, loader_workers, tta,
+                                 tag, progress_interval_s)
 
 
 def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, input_hw: tuple[int, int],
-                      class_names: Sequence[str], batch_size: int, loader_workers: int, tta: bool, tag: str) -> int:
+                      class_names: Sequence[str], batch_size: int, loader_workers: int, tta: bool, tag: str,
+                      progress_interval_s: float) -> int:
     """:func:`predict_to_masks` once the folder is this run's."""
     stems = [Path(p).stem for p in images]
     fingerprint = {"tag": tag, "classes": list(class_names), "input_size": list(input_hw), "tta": tta}
@@ -127,7 +140,7 @@ def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, in
         except ImageReadError as exc:  # one broken image must not cost the others their masks
             warnings.warn(f"{exc}; no mask written for it", stacklevel=1)
     todo = [p for p in todo if Path(p).name in sizes]
-    writer = PaletteMaskWriter(out_dir, sizes)
+    writer = PaletteMaskWriter(out_dir, sizes, progress_interval_s)
     if todo:
         loader = DataLoader(TestImageDataset(todo, input_hw, orig_hw=input_hw), batch_size=batch_size,
                             num_workers=loader_workers, pin_memory=classifier.device.type == "cuda")

@@ -43,6 +43,7 @@ from carvana.submission.fingerprint import (check_finished, file_sha256, fingerp
 from carvana.submission.gzip_stream import (COMPRESS_LEVEL, ChunkedGzipWriter, SubmissionWriteError,
                                             fsync_dir, write_json_atomic)
 from carvana.submission.rows import _encode_row, check_names, to_arrays, upsample_masks_torch  # noqa: F401
+from carvana.submission.progress import DEFAULT_INTERVAL_S, ProgressLine
 from carvana.submission.rows import verify_rows
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class PredictionsSaverCallback(Callback):
     other values is not reused.
     ``raw``: write bare deflate segments without gzip header/trailer (a shard for
     :func:`carvana.submission.sharded.assemble_shards`).
+    ``progress_interval_s``: off a terminal, rank 0 prints a progress line at most this often.
 
     Counters: ``rows_written`` (rows appended by this instance), ``rows_resumed`` (rows
     found complete on disk), ``postprocess_seconds`` (upsample+encode time, summed over
@@ -86,6 +88,7 @@ class PredictionsSaverCallback(Callback):
         tag: str = "",
         settings: Mapping[str, Any] | None = None,
         raw: bool = False,
+        progress_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         names = list(names)
         check_names(names)
@@ -127,6 +130,8 @@ class PredictionsSaverCallback(Callback):
                 print(f"{why_not}; predicting it again", file=sys.stderr)
             self.chunks_done = self._recover()
         self.rows_resumed = min(self.chunks_done * chunk_size, len(names))
+        self.progress = ProgressLine(len(names) - self.rows_resumed, "prediction, this rank's shard" if raw
+                                     else "prediction", progress_interval_s)
         self._next = self.rows_resumed  # index of the next name expected from the model
         self._pending: deque[Future[tuple[str, float]]] = deque()
         self._rows: list[str] = []  # collected rows of the chunk being assembled
@@ -179,6 +184,10 @@ class PredictionsSaverCallback(Callback):
         # Collect whatever finished (in order), then block on the oldest while over the bound.
         while self._pending and (self._pending[0].done() or len(self._pending) > self.max_pending):
             self._collect_oldest()
+        self.progress.advance(len(names))
+
+    def on_predict_start(self, trainer: Any) -> None:
+        self.progress.restart()
 
     def on_predict_end(self, trainer: Any) -> None:
         """Drain, write the last chunk, end the gzip member, verify, record and rename it to ``path``.
@@ -200,6 +209,7 @@ class PredictionsSaverCallback(Callback):
         try:
             self._finish()
             self._stopped = True
+            self.progress.finish()
         except BaseException as exc:
             self.on_exception(trainer, exc)
             raise

@@ -36,6 +36,7 @@ from carvana.submission.fingerprint import (check_finished, file_sha256, fingerp
 from carvana.submission.gzip_stream import (COMPRESS_LEVEL, GZIP_HEADER, SubmissionWriteError, exclusive_lock,
                                             fsync_dir, gzip_trailer, iter_segment, write_json_atomic)
 from carvana.submission.predictions import HEADER_LINE, PredictionsSaverCallback
+from carvana.submission.progress import DEFAULT_INTERVAL_S
 from carvana.submission.rows import verify_rows
 
 
@@ -148,12 +149,14 @@ def predict_to_submission(
     tta: bool = False,
     tag: str = "",
     settings: Mapping[str, Any] | None = None,
+    progress_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> int:
     """Predict ``test_images`` (in order) into ``output`` (.csv.gz); returns the row count.
 
     Resumes from the complete chunks of an interrupted run with the same fingerprint (names,
     chunking, threshold, TTA, input size, model config, weights' contents, ``tag``,
-    ``settings``), and predicts nothing if ``output`` is already complete for it.
+    ``settings``), and predicts nothing if ``output`` is already complete for it. Off a terminal,
+    rank 0 prints a progress line at most every ``progress_interval_s`` seconds.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +185,7 @@ def predict_to_submission(
     if world == 1:
         with exclusive_lock(output):  # a second run would truncate this one's progress
             predict(PredictionsSaverCallback(output, names, threshold, chunk_size, postprocess_workers, tag=tag,
-                                             settings=settings))
+                                             settings=settings, progress_interval_s=progress_interval_s))
         return len(names)
     with ExitStack() as locks:
         error: BaseException | None = None
@@ -193,13 +196,14 @@ def predict_to_submission(
         except SubmissionWriteError as exc:
             error = exc
         dist.raise_if_any_failed(error, f"locking {output}")
-        _predict_sharded(predict, output, names, threshold, chunk_size, postprocess_workers, tag, settings, up_to_date)
+        _predict_sharded(predict, output, names, threshold, chunk_size, postprocess_workers, tag, settings, up_to_date,
+                         progress_interval_s)
     return len(names)
 
 
 def _predict_sharded(predict: Callable[[PredictionsSaverCallback], None], output: Path, names: list[str],
                      threshold: float, chunk_size: int, postprocess_workers: int, tag: str,
-                     settings: Mapping[str, Any], up_to_date: str) -> None:
+                     settings: Mapping[str, Any], up_to_date: str, progress_interval_s: float) -> None:
     """Under torchrun: this rank's chunks into its shard, then rank 0 assembles ``output``."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main_process()
     # The whole file's identity, as a single process would record it.
@@ -215,7 +219,8 @@ def _predict_sharded(predict: Callable[[PredictionsSaverCallback], None], output
         mine = shard_names(names, chunk_size, rank, world)
         if mine:
             predict(PredictionsSaverCallback(shard_path(output, rank, world), mine, threshold, chunk_size,
-                                             postprocess_workers, header=rank == 0, tag=tag, settings=settings, raw=True))
+                                             postprocess_workers, header=rank == 0, tag=tag, settings=settings, raw=True,
+                                             progress_interval_s=progress_interval_s))
     except BaseException as exc:  # every rank must reach the all-reduce below, error or not
         error = exc
     dist.raise_if_any_failed(error, "prediction")
