@@ -112,6 +112,17 @@ def read_mask(path: Path) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
+def true_mask(image_path: Path, mask_path: Path, mask_rles: Mapping[str, str] | None = None,
+              image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """An image's true 0/1 mask: its ``train_masks.csv`` row where the table has one (decoded at
+    the image's size: same values as the GIF, faster), else its GIF."""
+    rle = (mask_rles or {}).get(Path(image_path).name)
+    if rle is None:
+        return read_mask(mask_path)
+    table = getattr(mask_rles, "path", MASK_TABLE)
+    return mask_from_rle(rle, image_hw or jpeg_size(image_path), f"{table}, row {Path(image_path).name}")
+
+
 def jpeg_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image from its header alone (PIL reads no pixel data here), raw orientation
     (EXIF ignored), as :func:`read_image` decodes it."""
@@ -287,13 +298,9 @@ class TrainImageDataset(Dataset):
             self.transform.set_random_seed(sample_seed(self.seed, epoch, i))
         image_path, mask_path = self.images[i], self.masks[i]
         image_hw = jpeg_size(image_path)
-        rle = self.mask_rles.get(Path(image_path).name)
-        if rle is not None:  # decoded at the image's size: the RLE cannot disagree with it
-            table = getattr(self.mask_rles, "path", MASK_TABLE)
-            return self._item(image_path, image_hw, mask_from_rle(rle, image_hw, f"{table}, row {Path(image_path).name}"))
-        if not Path(mask_path).is_file():
+        if Path(image_path).name not in self.mask_rles and not Path(mask_path).is_file():
             raise ImageReadError(f"{image_path}: its mask {mask_path} is missing")
-        full_mask = read_mask(mask_path)
+        full_mask = true_mask(image_path, mask_path, self.mask_rles, image_hw)
         # A size mismatch means a wrong or corrupt pair, which would silently misalign
         # the training target: refuse it, naming both files.
         if image_hw != full_mask.shape:

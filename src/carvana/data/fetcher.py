@@ -251,7 +251,7 @@ class DatasetFetcher:
         present = {p.name for p in masks_dir.iterdir()}
         orphans = [p for p in images if mask_path_for(p, masks_dir).name not in present]
         if orphans:
-            raise FileNotFoundError(
+            raise DatasetLayoutError(
                 f"{orphans[0]}: training image has no mask {mask_path_for(orphans[0], masks_dir)} "
                 f"({len(orphans)} image(s) without a mask)")
         train, valid = split_by_car(images, validation_size, sample_size, seed)
@@ -274,6 +274,6 @@ class DatasetFetcher:
         paths = [folder / "test" / name for name in names]
         missing = [name for name in names if name not in present]
         if missing:
-            raise FileNotFoundError(f"{folder / 'test'}: {len(missing)} image(s) listed in {csv_path.name} are "
+            raise DatasetLayoutError(f"{folder / 'test'}: {len(missing)} image(s) listed in {csv_path.name} are "
                                     f"missing, e.g. {', '.join(missing[:5])}")
         return paths[: math.ceil(len(paths) * fraction)]

@@ -47,9 +47,8 @@ def run_command(command: Command) -> int:
 
 def main(defaults: dict[str, Any], source: str, doc: str, argv: Sequence[str] | None = None) -> int:
     """main.py's entry: parse, run, and print user errors as one line (completed work is kept)."""
-    command = parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0])
     try:
-        return run_command(command)
+        return run_command(parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0]))
     except USER_ERRORS as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1

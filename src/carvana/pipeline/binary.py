@@ -55,7 +55,7 @@ def carvana_data(session: Session) -> TaskData:
               f"images (split by car), {len(test_images)} test images")
         print(f"masks: {f'RLE rows of {rles.path} ({len(rles)} rows; GIFs for images without one)' if rles else 'GIFs'}")
     return TaskData(fetcher.source, train_images, train_masks, valid_images, valid_masks, test_images, make_set,
-                    folder=fetcher.dataset_dir)
+                    folder=fetcher.dataset_dir, mask_rles=rles)
 
 
 def run_binary(session: Session, plan: str) -> int:

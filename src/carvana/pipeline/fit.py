@@ -48,6 +48,7 @@ class TaskData:
     class_names: list[str] = field(default_factory=list)
     classes: int = 1
     folder: Path | None = None  # the data set's folder, where it has one
+    mask_rles: Any = None  # Carvana: train_masks.csv rows, decoded instead of GIFs where present
 
 
 def training_config(hp: SimpleNamespace, classes: int, fresh: bool) -> ModelConfig:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from carvana.data.datasets import TestImageDataset, read_image, read_mask
+from carvana.data.datasets import TestImageDataset, read_image, true_mask
 from carvana.data.postprocess import upsample_mask
 from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, train_model
@@ -90,14 +91,14 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
                 print(f"fold {f}/{hp.folds}: finished earlier, skipped")
             continue
         split = fold_files(table, f, images, masks)
-        if hp.train:
+        if hp.train and not (fold_logs / "oof.csv").exists():  # a scored fold only lacks this threshold's scores
             if main:
                 print(f"\n=== fold {f} of {hp.folds}: {len(split[0])} train / {len(split[2])} valid images "
                       f"({table.loc[table['fold'] == f, 'car'].nunique()} validation cars) ===")
             train_model(hp, session.device, data, split, fold_models, fold_logs, session.run)
         dist.barrier()  # best.pt is written
         if main and (fold_models / "best.pt").is_file():  # one process scores: ~1/K of train
-            scores = score_best(fold_models / "best.pt", split[2], split[3], table, f, grid, session)
+            scores = score_best(fold_models / "best.pt", split[2], split[3], table, f, grid, session, data.mask_rles)
             write_csv(scores, fold_logs / "oof.csv")
             print(f"fold {f}: OOF Dice {scores[dice_column(threshold)].mean():.5f} on {len(scores)} images")
         dist.barrier()
@@ -106,7 +107,7 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
     if main:
         paths = {Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}
         threshold, summary = summarize_run(session.log_dir, hp.folds, threshold, auto_threshold, paths,
-                                           session.models_dir, hp.tta)
+                                           session.models_dir, hp.tta, data.mask_rles)
         record_threshold([session.models_dir / f"fold{f}" / "best.pt" for f in range(hp.folds)], threshold)
     threshold = float(dist.broadcast_object(threshold))
     members = [session.models_dir / f"fold{f}" / "best.pt" for f in folds]
@@ -117,13 +118,13 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
 
 
 def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], table: pd.DataFrame, fold: int,
-               grid: list[float], session: Session) -> pd.DataFrame:
+               grid: list[float], session: Session, mask_rles: Any = None) -> pd.DataFrame:
     """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
     model's own data size): one row per image with its Dice at each threshold of ``grid``."""
     hp = session.hp
     (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last)
     scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
-                        hp.predict_batch_size, hp.workers)
+                        hp.predict_batch_size, hp.workers, mask_rles)
     meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
     return pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=fold)
 
@@ -137,8 +138,8 @@ def record_threshold(checkpoints: list[Path], threshold: float) -> None:
             save_checkpoint({**state, "hparams": {**(state.get("hparams") or {}), "threshold": threshold}}, path)
 
 
-def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool,
-                  paths: dict[str, tuple[Path, Path]], run_models: Path, tta: bool) -> tuple[float, dict | None]:
+def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool, paths: dict[str, tuple[Path, Path]],
+                  run_models: Path, tta: bool, mask_rles: Any = None) -> tuple[float, dict | None]:
     """Combine the scored folds into oof.csv, choose the threshold, write summary and gallery."""
     parts = [pd.read_csv(run_logs / f"fold{f}" / "oof.csv", dtype={"image": str, "car": str})
              for f in range(k) if (run_logs / f"fold{f}" / "oof.csv").exists()]
@@ -159,7 +160,7 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
     if means is not None:
         summary["threshold_means"] = means
     gallery = run_logs / "oof_worst.png"
-    write_gallery(gallery_entries(summary["worst"], paths, run_models, threshold, tta), gallery)
+    write_gallery(gallery_entries(summary["worst"], paths, run_models, threshold, tta, mask_rles), gallery)
     summary["gallery"] = str(gallery)
     write_json(summary, run_logs / "oof_summary.json")
     print("\n" + format_summary(summary) + f"\n  error gallery: {gallery}")
@@ -167,7 +168,7 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
 
 
 def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], run_models: Path,
-                    threshold: float, tta: bool) -> list[GalleryEntry]:
+                    threshold: float, tta: bool, mask_rles: Any = None) -> list[GalleryEntry]:
     """Re-predict the worst images with their own fold's model (a dozen images: cheap)."""
     probs: dict[str, np.ndarray] = {}
     for fold in sorted({int(w["fold"]) for w in worst}):
@@ -178,7 +179,7 @@ def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], run_
         member.classifier.predict(loader, [collect], tta=tta)
         probs.update(collect.probs)
     return [GalleryEntry(w["image"], read_image(paths[w["image"]][0]), upsample_mask(probs[w["image"]], threshold),
-                         read_mask(paths[w["image"]][1]).astype(bool), float(w["dice"])) for w in worst]
+                         true_mask(*paths[w["image"]], mask_rles).astype(bool), float(w["dice"])) for w in worst]
 
 
 class _Keep(Callback):

@@ -134,9 +134,9 @@ def start_afresh(run: str) -> bool:
     so a fresh run never finds it; returns whether anything was there."""
     stale = [models_dir(run)] + [p for pattern in ("fold*", "folds.csv", "oof.csv", "oof_summary.json", "oof_worst.png")
                                  for p in logs_dir(run).glob(pattern)]
-    stale = [p for p in stale if p.exists()]
+    stale = [p for p in dict.fromkeys(stale) if p.exists()]
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return bool(stale)
 
 

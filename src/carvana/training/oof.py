@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from carvana.data.datasets import TestImageDataset, read_mask
+from carvana.data.datasets import TestImageDataset, true_mask
 from carvana.data.postprocess import upsample_probs
 from carvana.training.callbacks import Callback
 from carvana.training.losses import dice_per_image
@@ -36,15 +36,17 @@ def dice_column(threshold: float) -> str:
 class OOFScorer(Callback):
     """Predict callback: scores each image against its true mask at several thresholds."""
 
-    def __init__(self, masks: dict[str, Path], thresholds: Sequence[float]) -> None:
+    def __init__(self, masks: dict[str, tuple[Path, Path]], thresholds: Sequence[float], mask_rles: Mapping[str, str] | None = None
+                 ) -> None:
         self.masks = masks
+        self.mask_rles = mask_rles  # train_masks.csv rows, decoded instead of the GIFs where present
         self.thresholds = sorted(set(float(t) for t in thresholds))
         self.rows: list[dict[str, Any]] = []
 
     def on_predict_batch_end(self, trainer: Any, names: list[str], probs: Any) -> None:
         probs = probs.detach().float().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
         for name, prob in zip(names, probs):
-            truth = read_mask(self.masks[name]).astype(bool)
+            truth = true_mask(*self.masks[name], self.mask_rles).astype(bool)
             up = upsample_probs(prob)  # once per image; each threshold is then one compare
             row: dict[str, Any] = {"image": name}
             for t in self.thresholds:
@@ -53,10 +55,11 @@ class OOFScorer(Callback):
 
 
 def score_fold(classifier: Any, images: Sequence[Path], masks: Sequence[Path], input_hw: tuple[int, int],
-               thresholds: Sequence[float], tta: bool, batch_size: int = 8, workers: int = 0) -> pd.DataFrame:
+               thresholds: Sequence[float], tta: bool, batch_size: int = 8, workers: int = 0,
+               mask_rles: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Predict ``images`` with ``classifier`` (as the test set is predicted: same loader, TTA)
     and return one row per image: image, then its Dice at each threshold."""
-    scorer = OOFScorer({Path(i).name: Path(m) for i, m in zip(images, masks)}, thresholds)
+    scorer = OOFScorer({Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}, thresholds, mask_rles)
     loader = DataLoader(TestImageDataset(list(images), input_hw), batch_size=batch_size, num_workers=workers)
     classifier.predict(loader, [scorer], tta=tta)
     return pd.DataFrame(scorer.rows)
