@@ -40,6 +40,7 @@ from carvana.models.registry import ModelConfig, output_size as data_size
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList
 from carvana.submission.fingerprint import weights_digest
+from carvana.submission.sharded import prediction_settings as single_model_settings
 from carvana.training.checkpoint import CheckpointError, load_model
 from carvana.training.classifier import CarvanaClassifier
 
@@ -169,12 +170,17 @@ class EnsemblePredictor:
     def tag(self) -> str:
         """Identifies the ensemble for resuming a partial submission: every member's weights
         content, model config and weight, in order."""
+        if len(self.members) == 1:  # one model: the identity its own prediction has (prediction_settings)
+            return ""
         parts = [{"digest": m.digest, "config": m.config.to_dict(), "weight": repr(m.weight)} for m in self.members]
         return "ensemble:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def prediction_settings(self, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
         """The submission fingerprint's components: every member's weights content, config and
-        weight (in order), the common resolution, TTA and precision."""
+        weight (in order), the common resolution, TTA and precision. One member has a single
+        model's components, so its submission resumes and matches as that model's own."""
+        if len(self.members) == 1:
+            return single_model_settings(self.members[0].classifier, data_size(self.members[0].config), tta)
         return {
             "tta": bool(tta), "ensemble_resolution": list(self.output_hw),
             "members": [{"weights": m.digest, "model_config": m.config.to_dict(), "weight": repr(m.weight)}
