@@ -10,7 +10,7 @@ use e.g. --input-size 1024x1024 --width 1 --batch-size 4 --epochs 50 --workers 8
 """
 
 # --- data --------------------------------------------------------------------------
-DATA_DIR = ""  # a Carvana-layout folder to use as is; empty = Kaggle if credentials, else demo data
+DATA_DIR = ""  # a Carvana-layout folder to use as is; empty = mounted Kaggle Notebook files (or CARVANA_INPUT), else Kaggle if credentials, else demo data
 DATA_ROOT = "data"  # where fetched / demo data is stored
 HQ = False  # use train_hq.zip / test_hq.zip instead of the normal-quality JPEGs
 VALIDATION_SIZE = 0.2  # fraction of cars (not images) held out for validation (ignored with --folds)
@@ -58,6 +58,7 @@ SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
 DIST_TIMEOUT = 1800.0  # seconds a torchrun process waits at a collective for a hung peer before failing
 RUN_NAME = ""  # run name for output/models/<run> and logs/<run>; empty = a timestamp
 RESUME = False  # continue the run (--run-name, else the latest) from last.pt; prediction resumes too
+KEEP_LAST = True  # keep last.pt when training ends (--no-keep-last: only best.pt stays, e.g. for a Kaggle Notebook's Output tab; no --resume then)
 CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's best.pt)
 # --- prediction / submission ---------------------------------------------------------
 THRESHOLD = "0.5"  # probability above which a pixel is car; 'auto' = best of 0.30..0.70 on OOF Dice (needs --folds)

@@ -365,13 +365,19 @@ def test_main_trains_on_the_mounted_files(tmp_path, make_mount):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAGGLE_", "CARVANA_"))}
-    env.update(HOME=str(tmp_path / "home"), CARVANA_INPUT=str(mount))
-    result = subprocess.run([sys.executable, str(MAIN), "--run-name", "m1", *TINY], cwd=cwd, env=env,
+    working = tmp_path / "working"  # the notebook's /kaggle/working, outside the current folder
+    working.mkdir()
+    env.update(HOME=str(tmp_path / "home"), CARVANA_INPUT=str(mount), CARVANA_WORKING=str(working))
+    result = subprocess.run([sys.executable, str(MAIN), "--run-name", "m1", "--no-keep-last", *TINY], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"data: mounted competition files at {mount} (CARVANA_INPUT)" in result.stdout
     assert "DEMO DATA" not in result.stdout and not (cwd / "data" / "demo").exists()
-    summary = json.loads((cwd / "logs" / "m1" / "summary.json").read_text())
+    # Outputs land in the working folder (the notebook's Output tab), only best.pt kept.
+    assert f"outputs: under {working}" in result.stdout
+    assert (working / "output" / "submit.csv.gz").is_file() and not (cwd / "output").exists()
+    assert (working / "output/models/m1/best.pt").is_file() and not (working / "output/models/m1/last.pt").exists()
+    summary = json.loads((working / "logs" / "m1" / "summary.json").read_text())
     n_train = len(list((source / "train").glob("*.jpg")))
     assert summary["data"] == "mount" and summary["train_images"] + summary["valid_images"] == n_train == 32
     assert summary["test_images"] == len(list((source / "test").glob("*.jpg"))) == 16

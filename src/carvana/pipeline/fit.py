@@ -162,6 +162,8 @@ def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[l
                  CSVLogger(log_dir, *([] if data.classes == 1 else [MULTICLASS_COLUMNS])),
                  PreviewLogger(log_dir, classifier.threshold, grid_fn=preview_grid(data)), *extra]
     classifier.train(make_train_loader(train_set, hp, pin, data.collate), valid_loader, hp.epochs, callbacks)
+    if not hp.keep_last and dist.is_main_process():  # smaller run folders; the run cannot resume after this
+        last.unlink(missing_ok=True)
     return classifier
 
 

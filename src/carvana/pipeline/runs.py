@@ -38,6 +38,13 @@ RUN_DEFINING = ("dataset", "classes", "class_names", "arch", "encoder", "width",
 THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit")
 
 
+def set_workspace(base: Path) -> None:
+    """Put every run's folders under ``base`` (a Kaggle Notebook's working folder) instead of
+    the current folder; called once, at start-up, before any run is resolved."""
+    global MODELS_DIR, LOGS_DIR
+    MODELS_DIR, LOGS_DIR = base / "output" / "models", base / "logs"
+
+
 class RunError(ValueError):
     """A run that cannot be resumed or predicted from as asked, named in the message."""
 

@@ -21,11 +21,12 @@ from carvana.data.datasets import ImageReadError
 from carvana.data.fetcher import CorruptArchiveError, DatasetLayoutError, UnsafeArchiveError
 from carvana.data.kaggle_client import KaggleError
 from carvana.data.mask_table import MaskTableError
+from carvana.data.notebook import kaggle_working_dir
 from carvana.models.registry import ModelConfigError
 from carvana.models.smp_nets import EncoderWeightsError
 from carvana.pipeline.plans import PlanError
 from carvana.pipeline.runs import RunError, adopt_recorded_settings, continues_run, logs_dir, models_dir, resolve_run, \
-    start_afresh
+    set_workspace, start_afresh
 from carvana.pipeline.settings import Command, RecipeError
 from carvana.submission.gzip_stream import SubmissionWriteError
 from carvana.submission.validate import SubmissionError
@@ -98,6 +99,12 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     hp = command.hp
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
     main = dist.is_main_process()
+    base = workspace()
+    if base is not None:  # the same on every rank: a pure function of the environment and cwd
+        set_workspace(base)
+        hp.output = str(base / hp.output) if not Path(hp.output).is_absolute() else hp.output
+        if main:
+            print(f"outputs: under {base} (a Kaggle Notebook's working folder: its Output tab shows them)")
     run, record = dist.broadcast_object(_settle_run(hp, command.given, decide) if main else None)
     if not main:  # every rank runs with rank 0's settings (the record it read)
         for name, value in record.get("settings", {}).items():
@@ -111,6 +118,16 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
         write_json(session.record_name("hparams"), {**vars(hp), "precision": precision.name,
                                                      **({"recipe": command.recipe} if command.recipe else {})})
     return session
+
+
+def workspace() -> Path | None:
+    """Where output/ and logs/ go when not the current folder: a Kaggle Notebook's writable
+    working folder, when the current folder is outside it (None: the current folder)."""
+    working = kaggle_working_dir()
+    if working is None:
+        return None
+    here, working = Path.cwd().resolve(), working.resolve()
+    return None if here == working or working in here.parents else working
 
 
 def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) -> tuple[str, dict[str, Any]]:
