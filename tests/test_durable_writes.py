@@ -92,7 +92,8 @@ def test_the_masks_fingerprint_is_written_atomically_then_the_folder_fsynced(tmp
     images, out = write_images(tmp_path / "imgs"), tmp_path / "masks"
     assert predict_masks(out, images, "w1") == 2
     marker = out / ".fingerprint"
-    assert json.loads(marker.read_text()) == {"tag": "w1", "classes": ["a", "b"], "input_size": [16, 16], "tta": False}
+    assert json.loads(marker.read_text()) == {"tag": "w1", "classes": ["a", "b"], "input_size": [16, 16], "tta": False,
+                                                "fast_decode": True}
     assert dir_fsynced_after(io_log, marker)
     assert not [p.name for p in out.iterdir() if "tmp" in p.name]
 

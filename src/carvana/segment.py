@@ -12,7 +12,9 @@ recursively for .jpg/.jpeg/.png/.webp; their sub-folders are kept under OUT_DIR.
 Photos whose outputs all exist are skipped (``--overwrite`` redoes them). A photo that cannot
 be read gets a warning naming it and the run goes on; the exit status is the number of photos
 that failed (capped at 125), 2 for a usage error, 0 when everything worked.
-Geometry (letterbox vs stretch): see :mod:`carvana.data.photos`.
+Geometry (letterbox vs stretch) and decoding (a JPEG's network input comes from a second
+decode at the DCT scale that covers the input; ``--no-fast-decode``: from the full decode):
+see :mod:`carvana.data.photos`.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 from tqdm import tqdm
 
 from carvana.models.registry import ModelConfig, arch_spec
-from carvana.data.photos import (FITS, Background, Box, PhotoError, find_photos, output_paths, parse_background,
-                            probabilities_to_mask, read_photo, to_network_input, write_outputs)
+from carvana.data.jpeg import decode_scale, decoded_size
+from carvana.data.photos import (FITS, Background, Box, PhotoError, find_photos, input_box, is_jpeg_file, output_paths,
+                                 parse_background, probabilities_to_mask, read_photo, to_network_input, write_outputs)
 from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
@@ -54,10 +57,12 @@ class Segmenter:
     input size too. On CUDA the forward runs under autocast (bf16 where supported, else fp16) in
     channels_last, as in training; on the CPU through the classifier's inference copy
     (BatchNorm folded, channels_last, bf16 weights where the CPU has native bf16 and ``amp``).
+    ``fast_decode``: a JPEG's network input comes from a DCT-reduced decode (see
+    :mod:`carvana.data.photos`); False: from the full decode.
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: str = "auto", threshold: float = 0.5,
-                 tta: bool = False, amp: bool = True, fit: str = "letterbox") -> None:
+                 tta: bool = False, amp: bool = True, fit: str = "letterbox", fast_decode: bool = True) -> None:
         if config.classes != 1:
             raise SegmentError(f"this checkpoint's model has {config.classes} classes; segment writes binary "
                                "masks and cutouts, so it needs a one-class (car / background) model")
@@ -75,6 +80,7 @@ class Segmenter:
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.inference = cpu_inference_copy(self.device, precision, channels_last=True)
         self.config, self.threshold, self.tta, self.fit = config, threshold, tta, fit
+        self.fast_decode = fast_decode
         self.input_hw = tuple(config.input_size)
         self.margin = int(getattr(arch_spec(config.arch), "output_margin", 0))
         self.mean = torch.tensor(config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -87,8 +93,18 @@ class Segmenter:
         with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
             return self.model(x).float()
 
-    def prepare(self, rgb: np.ndarray):
-        """A photo -> (uint8 (H, W, 3) network input, the photo's Box in the output grid)."""
+    def prepare(self, rgb: np.ndarray, path: Path | None = None):
+        """A photo -> (uint8 (H, W, 3) network input, the photo's Box in the output grid).
+
+        With the photo's ``path`` and ``fast_decode``, a JPEG is decoded again at the DCT scale
+        for its box and the input made from that (same box, exact geometry)."""
+        photo_hw = rgb.shape[:2]
+        if self.fast_decode and path is not None and is_jpeg_file(path):
+            box = input_box(photo_hw, self.input_hw, self.margin, self.fit)
+            scale = decode_scale(photo_hw, (box.height, box.width))
+            small = read_photo(path, scale) if scale > 1 else None
+            if small is not None and small.shape[:2] == decoded_size(photo_hw, scale):  # else PIL could not scale it
+                return to_network_input(small, self.input_hw, self.margin, self.fit, photo_hw)
         return to_network_input(rgb, self.input_hw, self.margin, self.fit)
 
     @torch.no_grad()
@@ -130,8 +146,8 @@ class _Photo:
 def _load(segmenter: Segmenter, path: Path, rel: Path) -> _Photo:
     """Worker job: read and prepare one photo; a failure is recorded, not raised."""
     try:
-        rgb = read_photo(path)
-        net_input, box = segmenter.prepare(rgb)
+        rgb = read_photo(path)  # in full: the outputs are written at the photo's own size
+        net_input, box = segmenter.prepare(rgb, path)
         return _Photo(path, rel, rgb, net_input, box)
     except PhotoError as exc:
         return _Photo(path, rel, error=str(exc))
@@ -240,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="photos per forward pass")
     p.add_argument("--workers", type=int, default=2, help="threads reading and threads writing images")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:1")
+    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="make a JPEG's network input from a second decode at 1/2, 1/4 or 1/8 size (DCT scaling), "
+                        "the largest that still covers the input; --no-fast-decode resizes the full decode")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 everywhere (default: bf16/fp16 autocast on CUDA, bf16 weights on CPUs with native bf16)")
     p.add_argument("--overwrite", action="store_true", help="redo photos whose outputs already exist")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -257,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         photos, problems = find_photos(args.inputs, exclude=out_dir)
         model, config, state = load_model(args.checkpoint)
         threshold = threshold_of(state) if args.threshold is None else args.threshold
-        segmenter = Segmenter(model, config, args.device, threshold, args.tta, args.amp, args.fit)
+        segmenter = Segmenter(model, config, args.device, threshold, args.tta, args.amp, args.fit, args.fast_decode)
     except (SegmentError, CheckpointError, PhotoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from carvana.data.datasets import ImageReadError, image_to_tensor, jpeg_reduction, jpeg_size, read_image, resize
+from carvana.data.datasets import ImageReadError, image_to_tensor, jpeg_size, read_for_input, resize_decoded
 from carvana.data.fetcher import DatasetLayoutError
 from carvana.data.sampling import sample_seed
 
@@ -206,15 +206,19 @@ def resize_labels(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 class SegmentationDataset(Dataset):
     """Images with class-id masks, resized to ``input_hw``: {"image": (3,H,W) uint8, "mask": (H,W)
-    uint8 class ids, "name"} and with ``full_masks`` the (h,w) mask at the image's own size."""
+    uint8 class ids, "name"} and with ``full_masks`` the (h,w) mask at the image's own size.
+    A JPEG is decoded at the DCT scale for ``input_hw`` (in full with ``fast_decode=False``), other
+    formats in full; masks always in full."""
 
     def __init__(self, images: Sequence[Path], masks: Sequence[Path], input_hw: tuple[int, int], mask_kind: str,
-                 classes: int, transform: A.Compose | None = None, full_masks: bool = False, seed: int = 0) -> None:
+                 classes: int, transform: A.Compose | None = None, full_masks: bool = False, seed: int = 0,
+                 fast_decode: bool = True) -> None:
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} masks")
         self.images, self.masks = list(images), list(masks)
         self.input_hw, self.mask_kind, self.classes = tuple(input_hw), mask_kind, classes
         self.transform, self.full_masks, self.seed = transform, full_masks, seed
+        self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.images)
@@ -229,8 +233,7 @@ class SegmentationDataset(Dataset):
         if hw != full.shape:
             raise ImageReadError(f"{mask_path}: mask is {full.shape[1]}x{full.shape[0]} but image {image_path} "
                                  f"is {hw[1]}x{hw[0]} (W x H)")
-        reduction = jpeg_reduction(hw, self.input_hw) if image_path.suffix.lower() in (".jpg", ".jpeg") else 1
-        image = resize(read_image(image_path, reduction), self.input_hw)
+        image = resize_decoded(read_for_input(image_path, self.input_hw, self.fast_decode)[0], self.input_hw, hw)
         mask = resize_labels(full, self.input_hw)
         if self.transform is not None:  # albumentations: masks use nearest, colour jitter touches the image only
             out = self.transform(image=image, mask=mask)

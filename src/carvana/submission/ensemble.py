@@ -10,10 +10,12 @@ Members may differ in architecture, width and input size: each is rebuilt from i
 checkpoint (``training.checkpoint.load_model``) and run by its own ``CarvanaClassifier``
 (same normalisation, autocast and TTA code as a single-model prediction). The loader
 gives every image once per distinct input size, decoded and resized exactly as the
-single-model loader does. Each member's probabilities (native padding cropped) are
-brought to one common resolution before averaging: the largest member output (by
-area), bilinear with half-pixel centres (``align_corners=False``); a member already at
-that size is not resampled. With one member the probabilities pass through unchanged,
+single-model loader does: a JPEG is decoded once per distinct DCT scale the members' sizes
+call for (no member gets a decode smaller than its own size; all in full with
+``fast_decode=False``). Each member's probabilities (native padding cropped) are brought to
+one common resolution before averaging: the largest member output (by area), bilinear
+with half-pixel centres (``align_corners=False``); a member already at that size is not
+resampled. With one member the probabilities pass through unchanged,
 so its submission is byte-identical to that model's own.
 """
 
@@ -33,8 +35,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from carvana.data.datasets import (ImageReadError, check_native_frame, fit_to_input, image_to_tensor, jpeg_reduction,
-                                   read_image)
+from carvana.data.datasets import (ImageReadError, check_native_frame, decode_scale, fit_decoded, image_to_tensor,
+                                   jpeg_size)
+from carvana.data.jpeg import read_scaled
 from carvana.data.layout import ORIG_SHAPE, is_native
 from carvana.models.registry import ModelConfig, output_size as data_size
 from carvana.training import distributed as dist
@@ -121,13 +124,15 @@ class MultiSizeTestDataset(Dataset):
     """Test images at each of ``sizes``, each exactly as ``TestImageDataset`` would give it.
 
     Items: {"image_HxW": uint8 (3, H, W) per size, "name", "ok"}. A JPEG is decoded once per
-    distinct DCT reduction factor; an unreadable one gives zeros, ok=False and a warning.
+    distinct DCT scale (``decode_scale`` of its header size for each size: no size gets a
+    decode smaller than itself; all in full with ``fast_decode=False``); an unreadable one
+    gives zeros, ok=False and a warning.
     """
 
-    def __init__(self, images: Sequence[Path], sizes: Sequence[tuple[int, int]], orig_hw: tuple[int, int] = ORIG_SHAPE) -> None:
+    def __init__(self, images: Sequence[Path], sizes: Sequence[tuple[int, int]], fast_decode: bool = True) -> None:
         self.images = list(images)
         self.sizes = [tuple(s) for s in dict.fromkeys(tuple(s) for s in sizes)]
-        self.reductions = {s: jpeg_reduction(orig_hw, s) for s in self.sizes}
+        self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.images)
@@ -136,10 +141,12 @@ class MultiSizeTestDataset(Dataset):
         path = self.images[i]
         item: dict[str, Any] = {"name": Path(path).name, "ok": True}
         try:
-            decoded = {r: read_image(path, r) for r in set(self.reductions.values())}
+            orig_hw = jpeg_size(path)
+            scales = {s: decode_scale(orig_hw, s, self.fast_decode) for s in self.sizes}
+            decoded = {r: read_scaled(path, orig_hw, r) for r in set(scales.values())}
             for s in self.sizes:
-                check_native_frame(path, decoded[self.reductions[s]], s)
-                item[size_key(s)] = image_to_tensor(fit_to_input(decoded[self.reductions[s]], s))
+                check_native_frame(path, decoded[scales[s]], s)
+                item[size_key(s)] = image_to_tensor(fit_decoded(decoded[scales[s]], s, orig_hw))
         except ImageReadError as exc:
             warnings.warn(f"{exc}; predicting an empty mask for it", stacklevel=1)
             item["ok"] = False
@@ -175,14 +182,16 @@ class EnsemblePredictor:
         parts = [{"digest": m.digest, "config": m.config.to_dict(), "weight": repr(m.weight)} for m in self.members]
         return "ensemble:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def prediction_settings(self, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
+    def prediction_settings(self, input_hw: tuple[int, int], tta: bool, fast_decode: bool = True) -> dict[str, Any]:
         """The submission fingerprint's components: every member's weights content, config and
-        weight (in order), the common resolution, TTA and precision. One member has a single
-        model's components, so its submission resumes and matches as that model's own."""
+        weight (in order), the common resolution, TTA, the decoding setting and precision. One
+        member has a single model's components, so its submission resumes and matches as that
+        model's own."""
         if len(self.members) == 1:
-            return single_model_settings(self.members[0].classifier, data_size(self.members[0].config), tta)
+            return single_model_settings(self.members[0].classifier, data_size(self.members[0].config), tta,
+                                         fast_decode)
         return {
-            "tta": bool(tta), "ensemble_resolution": list(self.output_hw),
+            "tta": bool(tta), "fast_decode": bool(fast_decode), "ensemble_resolution": list(self.output_hw),
             "members": [{"weights": m.digest, "model_config": m.config.to_dict(), "weight": repr(m.weight)}
                         for m in self.members],
             "precision": sorted({str(m.classifier.amp_dtype or "float32") for m in self.members}),
@@ -194,8 +203,8 @@ class EnsemblePredictor:
         return (f"ensemble of {len(self.members)}: " + ", ".join(f"{m.path} ({m.config.describe()}, w={m.weight:.3g})"
                 for m in self.members) + f"; averaged at {self.output_hw[0]}x{self.output_hw[1]}")
 
-    def test_dataset(self, images: Sequence[Path]) -> Dataset:
-        return MultiSizeTestDataset(images, self.sizes)
+    def test_dataset(self, images: Sequence[Path], fast_decode: bool = True) -> Dataset:
+        return MultiSizeTestDataset(images, self.sizes, fast_decode)
 
     @torch.no_grad()
     def average(self, batch: dict, tta: bool = False) -> torch.Tensor:

@@ -88,10 +88,12 @@ def write_legend(out_dir: Path, class_names: Sequence[str]) -> None:
 
 def predict_to_masks(classifier: Any, images: Sequence[Path], out_dir: Path, input_hw: tuple[int, int],
                      class_names: Sequence[str], batch_size: int = 8, loader_workers: int = 2, tta: bool = False,
-                     tag: str = "", progress_interval_s: float = DEFAULT_INTERVAL_S) -> int:
+                     tag: str = "", progress_interval_s: float = DEFAULT_INTERVAL_S, fast_decode: bool = True) -> int:
     """Predict ``images`` into ``out_dir``/<stem>.png; returns how many PNGs exist for them.
 
-    Resumes: with the same ``tag`` (the weights) images whose PNG exists are skipped. Under
+    Resumes: with the same ``tag`` (the weights), classes, input size, TTA and ``fast_decode``
+    (JPEGs decoded at the DCT scale for the input size; False: in full) images whose PNG exists
+    are skipped. Under
     torchrun rank r predicts images r, r+W, ... A second run into the same folder while this one
     runs stops at once with :class:`OutputLockedError` (rank 0 holds ``<out_dir>.lock``). Off a
     terminal, rank 0 prints a progress line at most every ``progress_interval_s`` seconds.
@@ -109,15 +111,16 @@ def predict_to_masks(classifier: Any, images: Sequence[Path], out_dir: Path, inp
             error = exc
         dist.raise_if_any_failed(error, f"locking {out_dir}")
         return _predict_unlocked(classifier, images, out_dir, input_hw, class_names, batch_size, loader_workers, tta,
-                                 tag, progress_interval_s)
+                                 tag, progress_interval_s, fast_decode)
 
 
 def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, input_hw: tuple[int, int],
                       class_names: Sequence[str], batch_size: int, loader_workers: int, tta: bool, tag: str,
-                      progress_interval_s: float) -> int:
+                      progress_interval_s: float, fast_decode: bool = True) -> int:
     """:func:`predict_to_masks` once the folder is this run's."""
     stems = [Path(p).stem for p in images]
-    fingerprint = {"tag": tag, "classes": list(class_names), "input_size": list(input_hw), "tta": tta}
+    fingerprint = {"tag": tag, "classes": list(class_names), "input_size": list(input_hw), "tta": tta,
+                   "fast_decode": bool(fast_decode)}
     marker = out_dir / ".fingerprint"
     if dist.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ def _predict_unlocked(classifier: Any, images: Sequence[Path], out_dir: Path, in
     todo = [p for p in todo if Path(p).name in sizes]
     writer = PaletteMaskWriter(out_dir, sizes, progress_interval_s)
     if todo:
-        loader = DataLoader(TestImageDataset(todo, input_hw, orig_hw=input_hw), batch_size=batch_size,
+        loader = DataLoader(TestImageDataset(todo, input_hw, fast_decode=fast_decode), batch_size=batch_size,
                             num_workers=loader_workers, pin_memory=classifier.device.type == "cuda")
         classifier.predict(loader, [writer], tta=tta)
     dist.barrier()

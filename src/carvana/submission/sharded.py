@@ -123,13 +123,15 @@ def assemble_shards(output: Path, shards: Sequence[Path], names: Sequence[str] |
         marker_path(shard).unlink(missing_ok=True)
 
 
-def prediction_settings(classifier: Any, input_hw: tuple[int, int], tta: bool) -> dict[str, Any]:
-    """The fingerprint components a classifier adds: everything besides names/chunks/threshold that changes a row."""
+def prediction_settings(classifier: Any, input_hw: tuple[int, int], tta: bool, fast_decode: bool = True
+                        ) -> dict[str, Any]:
+    """The fingerprint components a classifier adds: everything besides names/chunks/threshold that
+    changes a row (``fast_decode``: JPEGs decoded at a DCT scale, or in full)."""
     if hasattr(classifier, "prediction_settings"):  # an ensemble describes all of its members
-        return classifier.prediction_settings(input_hw, tta)
+        return classifier.prediction_settings(input_hw, tta, fast_decode=fast_decode)
     config = getattr(classifier, "model_config", None)
     return {
-        "tta": bool(tta), "input_size": list(input_hw),
+        "tta": bool(tta), "fast_decode": bool(fast_decode), "input_size": list(input_hw),
         "model_config": config.to_dict() if config is not None else None,
         "weights": weights_digest(classifier.model.state_dict()),  # the contents, not a file's path or mtime
         "precision": str(getattr(classifier, "amp_dtype", None) or "float32"),
@@ -150,19 +152,21 @@ def predict_to_submission(
     tag: str = "",
     settings: Mapping[str, Any] | None = None,
     progress_interval_s: float = DEFAULT_INTERVAL_S,
+    fast_decode: bool = True,
 ) -> int:
     """Predict ``test_images`` (in order) into ``output`` (.csv.gz); returns the row count.
 
     Resumes from the complete chunks of an interrupted run with the same fingerprint (names,
-    chunking, threshold, TTA, input size, model config, weights' contents, ``tag``,
-    ``settings``), and predicts nothing if ``output`` is already complete for it. Off a terminal,
-    rank 0 prints a progress line at most every ``progress_interval_s`` seconds.
+    chunking, threshold, TTA, ``fast_decode``, input size, model config, weights' contents,
+    ``tag``, ``settings``), and predicts nothing if ``output`` is already complete for it. Off a
+    terminal, rank 0 prints a progress line at most every ``progress_interval_s`` seconds.
+    ``fast_decode``: JPEGs decoded at the DCT scale for the input size (False: in full).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     names = [p.name for p in test_images]
     by_name = {p.name: p for p in test_images}
-    settings = {**prediction_settings(classifier, input_hw, tta), **(settings or {})}
+    settings = {**prediction_settings(classifier, input_hw, tta, fast_decode), **(settings or {})}
     rank, world = dist.rank(), dist.world_size()
     main = dist.is_main_process()
     up_to_date = f"prediction: {output} is already complete for these images, settings and weights; not predicting again"
@@ -177,7 +181,8 @@ def predict_to_submission(
         if len(todo) < len(saver.names) and main:
             print(f"prediction: resuming, {len(saver.names) - len(todo)} rows already written")
         # An ensemble brings its own dataset (each image at every member's input size).
-        dataset = classifier.test_dataset(todo) if hasattr(classifier, "test_dataset") else TestImageDataset(todo, input_hw)
+        dataset = (classifier.test_dataset(todo, fast_decode=fast_decode) if hasattr(classifier, "test_dataset")
+                   else TestImageDataset(todo, input_hw, fast_decode=fast_decode))
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers if todo else 0,
                             pin_memory=classifier.device.type == "cuda")
         classifier.predict(loader, [saver], tta=tta)
