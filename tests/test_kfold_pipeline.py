@@ -56,10 +56,10 @@ def test_oof_covers_every_train_image_once_with_summary_and_gallery(resumed):
     assert len(summary["worst"]) == 12 and (cwd / "logs/k/oof_worst.png").stat().st_size > 10_000
     run = json.loads((cwd / "logs/k/summary.json").read_text())
     assert run["threshold"] == summary["threshold"]  # prediction used the chosen threshold
-    assert run["ensemble"] == ["output/models/k/fold0/best.pt", "output/models/k/fold1/best.pt"]
+    assert run["models"] == ["output/models/k/fold0/best.pt", "output/models/k/fold1/best.pt"]
     assert validate_submission(cwd / "output/submit.csv.gz", expected_names(data / "sample_submission.csv")).ok
     # --fold 0 alone predicted with fold 0's model and scored only its own cars
-    assert "ensemble of 1: output/models/k/fold0/best.pt" in first.stdout
+    assert "prediction: output/models/k/fold0/best.pt (unet1024" in first.stdout
 
 
 def test_threshold_auto_without_folds_is_a_clear_error(tmp_path):

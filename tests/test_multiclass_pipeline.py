@@ -89,7 +89,7 @@ def test_checkpoint_rebuilds_the_three_class_model_and_predicts_the_same_masks(t
         assert (cwd / "output" / "m1-again" / "masks" / path.name).read_bytes() == path.read_bytes()
     wrong = run_main(cwd, "--dataset", "folder", "--classes", "4", "--data-dir", str(data), "--no-train",
                      "--checkpoint", str(best), *TINY)
-    assert wrong.returncode == 1 and "a 3-class model, but this data set has 4 classes" in wrong.stderr
+    assert wrong.returncode == 1 and "a 3-class model, which cannot predict this 4-class data set" in wrong.stderr
 
 
 def test_dataset_flags_give_one_clear_line(tmp_path):

@@ -16,7 +16,8 @@ import sys
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from carvana.pipeline.plans import MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
+from carvana.pipeline.fit import parse_crop, training_config
+from carvana.pipeline.plans import FOLDS, MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
 from carvana.pipeline.session import USER_ERRORS, open_session, user_message
 from carvana.pipeline.settings import Command, comments_of, parse_command
 
@@ -36,6 +37,10 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
 def run_command(command: Command) -> int:
     """Run what ``command`` asks for; returns the process exit code."""
     session = open_session(command, lambda hp: decide(hp, command.given))
+    if session.hp.train and session.plan in (SINGLE, FOLDS):
+        # The network the settings describe, checked before any data work: its size rule,
+        # --crop, and (for a fresh run) its pretrained encoder weights, fetched or refused offline.
+        parse_crop(session.hp.crop, training_config(session.hp, 1, fresh=not session.hp.resume))
     if session.task == MULTICLASS:
         from carvana.pipeline.multiclass import run_multiclass  # each task imports only its own stages
 

@@ -49,6 +49,7 @@ class TaskData:
     classes: int = 1
     folder: Path | None = None  # the data set's folder, where it has one
     mask_rles: Any = None  # Carvana: train_masks.csv rows, decoded instead of GIFs where present
+    test_source: str = ""  # where test_images came from, where the data set says
 
 
 def training_config(hp: SimpleNamespace, classes: int, fresh: bool) -> ModelConfig:

@@ -27,7 +27,7 @@ from carvana.data.datasets import TestImageDataset, read_image, true_mask
 from carvana.data.postprocess import upsample_mask
 from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, train_model
-from carvana.pipeline.plans import PlanError
+from carvana.pipeline.plans import PlanError, parse_fold
 from carvana.pipeline.session import Session
 from carvana.submission.ensemble import load_members
 from carvana.training import distributed as dist
@@ -44,19 +44,6 @@ class FoldsResult:
     members: list[Path]  # best.pt of each fold used for prediction
     threshold: float  # the threshold prediction uses (chosen on OOF with --threshold auto)
     summary: dict | None  # the OOF summary once any fold is scored
-
-
-def parse_fold(text: str, k: int) -> list[int]:
-    """--fold 'all' -> 0..K-1; 'N' -> [N]."""
-    if str(text).strip().lower() == "all":
-        return list(range(k))
-    try:
-        n = int(text)
-    except ValueError:
-        raise PlanError(f"--fold {text!r}: expected 'all' or a fold number 0..{k - 1}") from None
-    if not 0 <= n < k:
-        raise PlanError(f"--fold {n}: --folds {k} has folds 0..{k - 1}")
-    return [n]
 
 
 def fold_table(session: Session, images: list[Path]) -> pd.DataFrame:

@@ -49,7 +49,8 @@ def class_data(session: Session) -> TaskData:
     if not found.test_images:
         raise PlanError(f"{found.test_source or 'the data set'}: no images to predict")
     return TaskData(found.source, found.train_images, found.train_masks, found.valid_images, found.valid_masks,
-                    found.test_images, make_set, collate_segmentation, found.class_names, classes)
+                    found.test_images, make_set, collate_segmentation, found.class_names, classes,
+                    test_source=found.test_source)
 
 
 def resolve_data(hp: Any) -> SegmentationData:
@@ -106,7 +107,7 @@ def run_multiclass(session: Session, plan: str) -> int:
     if session.main:
         summary = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
                    "model": config.describe(), "weights": str(weights), "train_images": len(data.train_images),
-                   "valid_images": len(data.valid_images), "predicted": len(data.test_images), "masks": str(masks_dir),
+                   "valid_images": len(data.valid_images), "predicted_from": data.test_source, "masks": str(masks_dir),
                    "masks_written": written, **({"epochs_trained": epochs} if plan == SINGLE else {}),
                    **best_epoch_figures(session.log_dir), "seconds_per_stage": session.timer.seconds}
         write_json(session.record_name("summary"), summary)

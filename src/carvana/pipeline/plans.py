@@ -70,6 +70,8 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
             if name in given:
                 refuse(name, "only multi-class runs (--dataset oxford-pet|carla|folder, --classes N) use it")
     parse_threshold(str(hp.threshold), hp.folds)
+    if hp.folds:
+        parse_fold(hp.fold, hp.folds)
 
 
 def _refuser(given: dict[str, str]):
@@ -93,3 +95,16 @@ def parse_threshold(text: str, folds: int) -> tuple[bool, float]:
     if not 0.0 <= value <= 1.0:
         raise PlanError(f"--threshold {value}: expected a probability in [0, 1] or 'auto'")
     return False, value
+
+
+def parse_fold(text: str, k: int) -> list[int]:
+    """--fold 'all' -> 0..K-1; 'N' -> [N]."""
+    if str(text).strip().lower() == "all":
+        return list(range(k))
+    try:
+        n = int(text)
+    except ValueError:
+        raise PlanError(f"--fold {text!r}: expected 'all' or a fold number 0..{k - 1}") from None
+    if not 0 <= n < k:
+        raise PlanError(f"--fold {n}: --folds {k} has folds 0..{k - 1}")
+    return [n]

@@ -35,7 +35,7 @@ LOGS_DIR = Path("logs")
 RUN_DEFINING = ("dataset", "classes", "class_names", "arch", "encoder", "width", "input_size", "folds", "seed",
                 "validation_size", "sample_size", "hq", "optimizer", "scheduler")
 # Asked of this invocation only, never taken from the record.
-THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit")
+THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit", "message", "fold", "ensemble", "ensemble_weights")
 
 
 def set_workspace(base: Path) -> None:
@@ -136,14 +136,22 @@ def same_value(name: str, ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
-def start_afresh(run: str) -> bool:
-    """Remove what an earlier run of this name left (checkpoints, fold scores, the fold split),
-    so a fresh run never finds it; returns whether anything was there."""
-    stale = [models_dir(run)] + [p for pattern in ("fold*", "folds.csv", "oof.csv", "oof_summary.json", "oof_worst.png")
-                                 for p in logs_dir(run).glob(pattern)]
-    stale = [p for p in dict.fromkeys(stale) if p.exists()]
+def start_afresh(run: str, folds: list[int] | None = None) -> bool:
+    """Remove what an earlier run of this name left for what is trained now, so a fresh run
+    never finds it: a single split's checkpoints; with ``folds``, those folds' checkpoints and
+    scores and the combined OOF files (other folds, trained separately with --fold N, stay,
+    and so does their split unless every fold starts afresh). Returns whether anything was there."""
+    if folds is None:
+        stale = [models_dir(run)]
+    else:
+        stale = [p for f in folds for p in (models_dir(run) / f"fold{f}", logs_dir(run) / f"fold{f}")]
+        stale += [logs_dir(run) / name for name in ("oof.csv", "oof_summary.json", "oof_worst.png")]
+        now = {f"fold{f}" for f in folds}
+        if not [p for p in models_dir(run).glob("fold*") if p.name not in now]:
+            stale.append(logs_dir(run) / "folds.csv")
+    stale = [p for p in stale if p.exists()]
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     return bool(stale)
 
 

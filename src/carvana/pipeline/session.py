@@ -24,7 +24,7 @@ from carvana.data.mask_table import MaskTableError
 from carvana.data.notebook import kaggle_working_dir
 from carvana.models.registry import ModelConfigError
 from carvana.models.smp_nets import EncoderWeightsError
-from carvana.pipeline.plans import PlanError
+from carvana.pipeline.plans import FOLDS, SINGLE, PlanError, parse_fold
 from carvana.pipeline.runs import RunError, adopt_recorded_settings, continues_run, logs_dir, models_dir, resolve_run, \
     set_workspace, start_afresh
 from carvana.pipeline.settings import Command, RecipeError
@@ -136,9 +136,10 @@ def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) ->
     run = resolve_run(hp)
     recorded = adopt_recorded_settings(hp, run, given) if continues_run(hp) else {}
     decided = decide(hp)  # refusals come before anything is removed or written
-    if hp.train and not hp.resume and start_afresh(run):
-        print(f"run {run}: starting afresh under an existing name (its old checkpoints and fold scores were "
-              f"removed); --resume continues a run instead")
+    folds = parse_fold(hp.fold, hp.folds) if decided[1] == FOLDS else None
+    if hp.train and not hp.resume and decided[1] in (SINGLE, FOLDS) and start_afresh(run, folds):
+        print(f"run {run}: starting afresh under an existing name (the old checkpoints and scores of what trains "
+              f"now were removed); --resume continues a run instead")
     return run, {"recorded": recorded, "settings": vars(hp), "decided": decided}
 
 
