@@ -28,6 +28,7 @@ ARCH = "unet1024"  # unet1024 | unet-original | smp: unet, linknet, fpn, unetplu
 ENCODER = "resnet34"  # encoder of the smp networks: resnet34 (LinkNet34), vgg11 (TernausNet), mobilenet_v2, ...
 ENCODER_WEIGHTS = "imagenet"  # imagenet (downloaded once, needs network) | none | PATH of an encoder state-dict file
 INPUT_SIZE = "128x192"  # HxW images are resized to: multiples of 64 (unet1024; 1280x1920 = native, padded not resized), 32 (smp); unet-original: the OUTPUT size, 4 + a multiple of 16 (388x388)
+FAST_DECODE = True  # decode JPEGs at the largest DCT scale (1/2, 1/4, 1/8) still covering the input (bench/decode.py); pixels differ from a full decode by ~0.4-1.0 of 255 on average; off = full decode
 CROP = ""  # train on random HxW crops of the input-size image (native 1280x1920: of the full frame); "" = whole
 WIDTH = 0.25  # channel multiplier of unet1024 / unet-original (1.0 = the ~31M-parameter original)
 # --- training --------------------------------------------------------------------------

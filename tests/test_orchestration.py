@@ -259,3 +259,13 @@ def test_recipe_files_set_defaults_that_flags_override(tmp_path, data):
     assert f"{recipe}: unknown setting 'epoch'" in run_main(tmp_path, "--config", str(recipe)).stderr
     recipe.write_text('epochs = "3"\n')
     assert f"{recipe}: 'epochs' must be an int" in run_main(tmp_path, "--config", str(recipe)).stderr
+
+
+def test_no_fast_decode_reaches_prediction_and_the_record(folds_run):
+    # Issue 23: the setting goes into the prediction fingerprint and the run's record.
+    cwd, _ = folds_run
+    first = ok(run_main(cwd, "--no-train", "--run-name", "k", "--output", "output/decode.csv.gz"))
+    again = ok(run_main(cwd, "--no-train", "--run-name", "k", "--output", "output/decode.csv.gz", "--no-fast-decode"))
+    assert "fast_decode changed (true -> false)" in again.stderr, again.stderr[-2000:]
+    assert json.loads((cwd / "logs/k/predict_hparams.json").read_text())["fast_decode"] is False
+    assert "valid_submission: True" in first.stdout

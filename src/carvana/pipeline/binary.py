@@ -48,7 +48,7 @@ def carvana_data(session: Session) -> TaskData:
 
     def make_set(images, masks, data_hw, augment, full_masks):
         return TrainImageDataset(images, masks, data_hw, augment, full_masks=full_masks, seed=hp.seed + dist.rank(),
-                                 mask_rles=rles)
+                                 mask_rles=rles, fast_decode=hp.fast_decode)
 
     if session.main:
         print(f"data: {fetcher.source} at {fetcher.dataset_dir}: {len(train_images)} train / {len(valid_images)} valid "
@@ -112,7 +112,7 @@ def submit(session: Session, data: TaskData, paths: list[Path], threshold: float
     rows = predict_to_submission(predictor, data.test_images, output, data_hw, threshold=threshold,
                                  chunk_size=hp.chunk_size, postprocess_workers=hp.postprocess_workers,
                                  batch_size=hp.predict_batch_size, loader_workers=hp.workers, tta=hp.tta,
-                                 tag=predictor.tag())
+                                 tag=predictor.tag(), fast_decode=hp.fast_decode)
     session.timer("predict")
     ok = True
     if session.main:

@@ -94,7 +94,7 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
     if main:
         paths = {Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}
         threshold, summary = summarize_run(session.log_dir, hp.folds, threshold, auto_threshold, paths,
-                                           session.models_dir, hp.tta, data.mask_rles)
+                                           session.models_dir, hp.tta, data.mask_rles, hp.fast_decode)
         record_threshold([session.models_dir / f"fold{f}" / "best.pt" for f in range(hp.folds)], threshold)
     threshold = float(dist.broadcast_object(threshold))
     members = [session.models_dir / f"fold{f}" / "best.pt" for f in folds]
@@ -111,7 +111,7 @@ def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], ta
     hp = session.hp
     (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last)
     scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
-                        hp.predict_batch_size, hp.workers, mask_rles)
+                        hp.predict_batch_size, hp.workers, mask_rles, fast_decode=hp.fast_decode)
     meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
     return pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=fold)
 
@@ -126,7 +126,8 @@ def record_threshold(checkpoints: list[Path], threshold: float) -> None:
 
 
 def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool, paths: dict[str, tuple[Path, Path]],
-                  run_models: Path, tta: bool, mask_rles: Any = None) -> tuple[float, dict | None]:
+                  run_models: Path, tta: bool, mask_rles: Any = None, fast_decode: bool = True
+                  ) -> tuple[float, dict | None]:
     """Combine the scored folds into oof.csv, choose the threshold, write summary and gallery."""
     parts = [pd.read_csv(run_logs / f"fold{f}" / "oof.csv", dtype={"image": str, "car": str})
              for f in range(k) if (run_logs / f"fold{f}" / "oof.csv").exists()]
@@ -147,7 +148,7 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
     if means is not None:
         summary["threshold_means"] = means
     gallery = run_logs / "oof_worst.png"
-    write_gallery(gallery_entries(summary["worst"], paths, run_models, threshold, tta, mask_rles), gallery)
+    write_gallery(gallery_entries(summary["worst"], paths, run_models, threshold, tta, mask_rles, fast_decode), gallery)
     summary["gallery"] = str(gallery)
     write_json(summary, run_logs / "oof_summary.json")
     print("\n" + format_summary(summary) + f"\n  error gallery: {gallery}")
@@ -155,14 +156,16 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
 
 
 def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], run_models: Path,
-                    threshold: float, tta: bool, mask_rles: Any = None) -> list[GalleryEntry]:
+                    threshold: float, tta: bool, mask_rles: Any = None, fast_decode: bool = True
+                    ) -> list[GalleryEntry]:
     """Re-predict the worst images with their own fold's model (a dozen images: cheap)."""
     probs: dict[str, np.ndarray] = {}
     for fold in sorted({int(w["fold"]) for w in worst}):
         names = [w["image"] for w in worst if int(w["fold"]) == fold]
         (member,) = load_members([run_models / f"fold{fold}" / "best.pt"], [1.0])
         collect = _Keep()  # images at the model's data size: unet-original pads them itself
-        loader = DataLoader(TestImageDataset([paths[n][0] for n in names], output_size(member.config)), batch_size=4)
+        loader = DataLoader(TestImageDataset([paths[n][0] for n in names], output_size(member.config),
+                                             fast_decode=fast_decode), batch_size=4)
         member.classifier.predict(loader, [collect], tta=tta)
         probs.update(collect.probs)
     return [GalleryEntry(w["image"], read_image(paths[w["image"]][0]), upsample_mask(probs[w["image"]], threshold),

@@ -40,7 +40,7 @@ def class_data(session: Session) -> TaskData:
 
     def make_set(images, masks, data_hw, augment, full_masks):
         return SegmentationDataset(images, masks, data_hw, found.mask_kind, classes, augment, full_masks=full_masks,
-                                   seed=hp.seed + dist.rank())
+                                   seed=hp.seed + dist.rank(), fast_decode=hp.fast_decode)
 
     if session.main:
         print(f"data: {found.source}: {classes} classes ({', '.join(found.class_names)}); {len(found.train_images)} "
@@ -102,7 +102,8 @@ def run_multiclass(session: Session, plan: str) -> int:
     masks_dir = Path(hp.output).parent / session.run / "masks"
     written = predict_to_masks(classifier, data.test_images, masks_dir, output_size(config), data.class_names,
                                batch_size=hp.predict_batch_size, loader_workers=hp.workers, tta=hp.tta,
-                               tag=weights_digest(classifier.model.state_dict()))  # the weights' contents
+                               tag=weights_digest(classifier.model.state_dict()),  # the weights' contents
+                               fast_decode=hp.fast_decode)
     session.timer("predict")
     if session.main:
         summary = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
