@@ -1,6 +1,5 @@
 """Car-grouped folds, out-of-fold scores, threshold choice and the error gallery."""
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

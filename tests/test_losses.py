@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from carvana.data.layout import ORIG_HEIGHT, ORIG_WIDTH

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from carvana.data.demo_data import write_demo_dataset
 from carvana.models.registry import ModelConfig, build_model

@@ -11,8 +11,10 @@
   fetcher       - DatasetFetcher: folder / mount / Kaggle download / demo data; car-grouped split
   demo_car      - procedurally drawn 3-D cars in a studio, one view at a time
   demo_data     - the demo dataset in the exact Carvana layout, made of those cars
+  files         - durable writes: atomic JSON records, directory fsync
+  jpeg          - JPEG reading: truncation check, DCT-scaled decoding (--fast-decode), sizes
   datasets      - TrainImageDataset / TestImageDataset (OpenCV + albumentations)
-  multiclass    - --dataset oxford-pet | carla | folder: layouts, class-id masks, split, SegmentationDataset
+  class_datasets - --dataset oxford-pet | carla | folder: layouts, class-id masks, split, SegmentationDataset
   demo_trimap   - the demo cars as a 3-class trimap set (car / background / border) in the folder layout
   palette       - the fixed class colour palette and a legend naming the classes
 

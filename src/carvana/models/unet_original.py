@@ -15,7 +15,6 @@ to 388 instead, as some tutorials do, shifts and scales the mask against the ima
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from carvana.data.datasets import mirror_pad as _mirror_pad

@@ -4,8 +4,6 @@ record, a stage clock, and one way to report user errors (timm's task objects, i
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import time
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from carvana.data.datasets import ImageReadError
+from carvana.data.files import write_json_atomic
 from carvana.data.fetcher import CorruptArchiveError, DatasetLayoutError, UnsafeArchiveError
 from carvana.data.kaggle_client import KaggleError
 from carvana.data.mask_table import MaskTableError
@@ -150,11 +149,8 @@ def seed_everything(seed: int) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (temp name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    """A run record (settings, summary), replaced atomically, indented for people to read."""
+    write_json_atomic(path, data, indent=2)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from carvana.data.files import fsync_dir, write_json_atomic  # noqa: F401 (re-exported for the writers)
 from carvana.submission.fingerprint import describe_changes
 
 COMPRESS_LEVEL = 6  # zlib's default: close to level 9 in size on RLE text, several times faster
@@ -99,29 +100,6 @@ def deflate_chunk(text: bytes, level: int = COMPRESS_LEVEL) -> bytes:
 def gzip_trailer(crc: int, size: int) -> bytes:
     """The final deflate block and the gzip trailer (CRC32, length mod 2**32)."""
     return FINAL_BLOCK + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any], fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` as JSON via a temp file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (skipped where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 class ChunkedGzipWriter:

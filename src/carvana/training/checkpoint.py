@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carvana.data.files import fsync_dir
 from carvana.models.registry import ModelConfig, ModelConfigError, build_model
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
@@ -40,19 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (skipped where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(path.parent)
 
 
 def publish_copy(src: Path, dst: Path) -> None:
@@ -68,7 +57,7 @@ def publish_copy(src: Path, dst: Path) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

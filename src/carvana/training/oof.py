@@ -9,7 +9,6 @@ best column. Scores are the competition's: per image, at 1918x1280, both empty =
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,6 +18,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from carvana.data.datasets import TestImageDataset, true_mask
+from carvana.data.files import write_json_atomic
 from carvana.data.postprocess import upsample_probs
 from carvana.training.callbacks import Callback
 from carvana.training.losses import dice_per_image
@@ -109,6 +109,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """The OOF summary, replaced atomically."""
+    write_json_atomic(path, data, indent=2)
