@@ -92,16 +92,35 @@ def test_fold_checkpoints_record_the_threshold_prediction_used(tmp_path, data):
 
 
 def test_a_fresh_run_under_an_old_name_removes_its_stale_fold_scores(folds_run, data, tmp_path):
-    # Defect 3: a rerun without --resume left fold<k>/oof.csv, so an interrupted rerun's
+    # Defect 3: a rerun without --resume left fold<k>/oof.csv, so when the rerun was interrupted,
     # --resume skipped the fold as finished and ensembled a half-trained best.pt.
     import shutil
 
     cwd = tmp_path / "rerun"
     shutil.copytree(folds_run[0], cwd)
-    result = ok(run_main(cwd, "--data-dir", str(data), "--folds", "2", "--fold", "0", "--run-name", "k", *TINY))
+    broken = tmp_path / "broken"  # the same data, one of fold 1's training images unreadable
+    shutil.copytree(data, broken)
+    table = pd.read_csv(cwd / "logs/k/folds.csv")
+    victim = broken / "train" / table[table["fold"] == 1]["image"].iloc[0]
+    victim.write_bytes(b"not a jpeg")
+    result = run_main(cwd, "--data-dir", str(broken), "--folds", "2", "--run-name", "k", *TINY)
     assert "starting afresh" in result.stdout
-    assert not (cwd / "logs/k/fold1/oof.csv").exists() and not (cwd / "output/models/k/fold1").exists()
-    assert "finished earlier" not in result.stdout
+    refused(result, victim.name)  # the rerun dies while training fold 0 (fold 1's cars train it)
+    assert not (cwd / "logs/k/fold0/oof.csv").exists() and not (cwd / "logs/k/fold1/oof.csv").exists()
+    shutil.copy(data / "train" / victim.name, victim)
+    resumed = ok(run_main(cwd, "--resume", "--run-name", "k", "--data-dir", str(broken)))
+    assert "finished earlier" not in resumed.stdout  # nothing stale passes for finished
+    assert "=== fold 0 of 2" in resumed.stdout and "=== fold 1 of 2" in resumed.stdout
+
+
+def test_training_one_fold_afresh_keeps_the_other_folds(folds_run, data, tmp_path):
+    import shutil
+
+    cwd = tmp_path / "onefold"
+    shutil.copytree(folds_run[0], cwd)
+    result = ok(run_main(cwd, "--data-dir", str(data), "--folds", "2", "--fold", "1", "--run-name", "k", *TINY))
+    assert "starting afresh" in result.stdout and "=== fold 1 of 2" in result.stdout
+    assert (cwd / "logs/k/fold0/oof.csv").exists() and (cwd / "output/models/k/fold0/best.pt").exists()
 
 
 def test_unet_original_with_folds_and_in_a_mixed_ensemble(tmp_path, data, folds_run):
