@@ -287,3 +287,14 @@ def test_no_fast_decode_reaches_prediction_and_the_record(folds_run):
     assert "fast_decode changed (true -> false)" in again.stderr, again.stderr[-2000:]
     assert json.loads((cwd / "logs/k/predict_hparams.json").read_text())["fast_decode"] is False
     assert "valid_submission: True" in first.stdout
+
+
+def test_a_refused_rerun_removes_nothing(folds_run, data, tmp_path):
+    # Refusals (here the network's size rule for --crop) come before a fresh start removes anything.
+    import shutil
+
+    cwd = tmp_path / "kept"
+    shutil.copytree(folds_run[0], cwd)
+    refused(run_main(cwd, "--data-dir", str(data), "--folds", "2", "--run-name", "k", "--crop", "40x40", *TINY),
+            "--crop 40x40")
+    assert (cwd / "logs/k/fold1/oof.csv").exists() and (cwd / "output/models/k/fold0/best.pt").exists()

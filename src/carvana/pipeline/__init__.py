@@ -31,16 +31,17 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
     if task == MULTICLASS and plan not in (SINGLE, PREDICT):
         raise PlanError(f"{plan} are not supported for multi-class runs (--dataset {hp.dataset}, --classes "
                         f"{hp.classes}): drop --folds / --ensemble")
+    if hp.train and plan in (SINGLE, FOLDS):
+        # The network the settings describe, checked before anything is written or removed: its
+        # size rule, --crop, and (for a fresh run) its pretrained encoder weights, fetched or
+        # refused offline.
+        parse_crop(hp.crop, training_config(hp, 1, fresh=not hp.resume))
     return task, plan
 
 
 def run_command(command: Command) -> int:
     """Run what ``command`` asks for; returns the process exit code."""
     session = open_session(command, lambda hp: decide(hp, command.given))
-    if session.hp.train and session.plan in (SINGLE, FOLDS):
-        # The network the settings describe, checked before any data work: its size rule,
-        # --crop, and (for a fresh run) its pretrained encoder weights, fetched or refused offline.
-        parse_crop(session.hp.crop, training_config(session.hp, 1, fresh=not session.hp.resume))
     if session.task == MULTICLASS:
         from carvana.pipeline.multiclass import run_multiclass  # each task imports only its own stages
 
