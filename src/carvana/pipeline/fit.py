@@ -18,7 +18,7 @@ from carvana.data.palette import label_grid
 from carvana.data.sampling import EpochSampler
 from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
-from carvana.pipeline.plans import PlanError
+from carvana.pipeline.plans import PlanError, parse_threshold
 from carvana.pipeline.runs import resume_hint
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
@@ -106,15 +106,9 @@ def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelCon
         time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
         weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
         channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
-        threshold=_threshold_value(hp),
+        # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
+        threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
     )
-
-
-def _threshold_value(hp: SimpleNamespace) -> float:
-    try:  # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
-        return float(hp.threshold)
-    except ValueError:
-        return 0.5
 
 
 def make_train_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate: Callable | None = None) -> DataLoader:

@@ -74,7 +74,6 @@ class Session:
     task: str  # plans.BINARY | plans.MULTICLASS
     plan: str  # plans.SINGLE | FOLDS | ENSEMBLE | PREDICT
     given: dict[str, str] = field(default_factory=dict)
-    record: dict[str, Any] = field(default_factory=dict)  # the run's recorded settings when it continues one
     timer: StageTimer = field(default_factory=StageTimer)
 
     @property
@@ -109,7 +108,7 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
         for name, value in record.get("settings", {}).items():
             setattr(hp, name, value)
     seed_everything(hp.seed)
-    session = Session(hp, run, device, main, *record["decided"], command.given, record.get("recorded", {}))
+    session = Session(hp, run, device, main, *record["decided"], command.given)
     if main:
         session.log_dir.mkdir(parents=True, exist_ok=True)
         precision = choose_precision(torch.device(device), hp.amp)  # the classifiers' own choice, said once
@@ -130,16 +129,16 @@ def workspace() -> Path | None:
 
 
 def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) -> tuple[str, dict[str, Any]]:
-    """(run name, {"recorded": the run's record, "settings": the final settings, "decided": (task,
-    plan)}) on rank 0."""
+    """(run name, {"settings": the final settings, "decided": (task, plan)}) on rank 0."""
     run = resolve_run(hp)
-    recorded = adopt_recorded_settings(hp, run, given) if continues_run(hp) else {}
+    if continues_run(hp):
+        adopt_recorded_settings(hp, run, given)
     decided = decide(hp)  # refusals come before anything is removed or written
     folds = parse_fold(hp.fold, hp.folds) if decided[1] == FOLDS else None
     if hp.train and not hp.resume and decided[1] in (SINGLE, FOLDS) and start_afresh(run, folds):
         print(f"run {run}: starting afresh under an existing name (the old checkpoints and scores of what trains "
               f"now were removed); --resume continues a run instead")
-    return run, {"recorded": recorded, "settings": vars(hp), "decided": decided}
+    return run, {"settings": vars(hp), "decided": decided}
 
 
 def seed_everything(seed: int) -> None:
