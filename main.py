@@ -72,6 +72,15 @@ POSTPROCESS_WORKERS = 2  # threads that upsample, threshold and RLE-encode predi
 OUTPUT = "output/submit.csv.gz"  # the submission file (gzip CSV: img,rle_mask)
 SUBMIT = False  # upload to Kaggle after validation passes
 MESSAGE = "UNet1024 via carvana pipeline"  # Kaggle submission message
+PREDICT = True  # --no-predict: stop after training (and out-of-fold scoring): no test predictions, no submission
+# --- tuning (Optuna; docs/tuning.md) ---------------------------------------------------
+TUNE = 0  # N > 0: search the settings not given explicitly until the study holds N finished trials (each a --no-predict run)
+STUDY = "tune"  # study name: logs/<study>/ (trials.csv, plots, best.toml, study.db); trials run as <study>-t<number>
+TUNE_STORAGE = ""  # "" = sqlite:///logs/<study>/study.db | postgresql://USER:PASSWORD@HOST/DB (many machines) | journal:FILE (shared filesystem)
+TUNE_SPACE = ""  # a TOML search space (configs/spaces/*.toml); "" = the default space of the task
+TUNE_PRUNER = "median"  # median | hyperband | none: stops trials whose per-epoch figure is clearly worse
+TUNE_TIMEOUT = 0.0  # minutes after which this worker starts no new trial (0 = off)
+TUNE_HEARTBEAT = 30  # seconds between a worker's heartbeats; a trial silent for 3x this is marked failed and retried
 
 import sys  # noqa: E402  (settings first, nanoGPT-style, so they are the first thing read)
 from pathlib import Path  # noqa: E402

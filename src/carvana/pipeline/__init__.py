@@ -8,6 +8,7 @@
   folds    - K car-grouped folds, out-of-fold scores, threshold, error gallery
   binary   - the Carvana task: every plan ends in one streamed, validated submission
   multiclass - the multi-class task: palette PNG masks
+  tune     - --tune N: an Optuna study whose trials are --no-predict runs
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from carvana.pipeline.fit import parse_crop, training_config
 from carvana.pipeline.plans import FOLDS, MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
 from carvana.pipeline.session import USER_ERRORS, open_session, user_message
 from carvana.pipeline.settings import Command, comments_of, parse_command
+from carvana.training import distributed as dist
+from carvana.training.callbacks import Callback
 
 __all__ = ["USER_ERRORS", "main", "run_command"]
 
@@ -39,9 +42,10 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
     return task, plan
 
 
-def run_command(command: Command) -> int:
-    """Run what ``command`` asks for; returns the process exit code."""
-    session = open_session(command, lambda hp: decide(hp, command.given))
+def run_command(command: Command, callbacks: Sequence[Callback] = ()) -> int:
+    """Run what ``command`` asks for (``callbacks`` join every model's training); returns the
+    process exit code."""
+    session = open_session(command, lambda hp: decide(hp, command.given), callbacks)
     if session.task == MULTICLASS:
         from carvana.pipeline.multiclass import run_multiclass  # each task imports only its own stages
 
@@ -51,10 +55,26 @@ def run_command(command: Command) -> int:
     return run_binary(session, session.plan)
 
 
+def tune(command: Command, defaults: dict[str, Any]) -> int:
+    """--tune N (Optuna is imported only by a tuning run)."""
+    from carvana.pipeline.tune import TUNE_ERRORS, run_study
+
+    try:
+        return run_study(command, defaults)
+    except TUNE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(defaults: dict[str, Any], source: str, doc: str, argv: Sequence[str] | None = None) -> int:
     """main.py's entry: parse, run, and print user errors as one line (completed work is kept)."""
     try:
-        return run_command(parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0]))
+        command = parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0])
+        if command.hp.tune:
+            return tune(command, defaults)
+        return run_command(command)
     except USER_ERRORS as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        dist.shutdown()  # torchrun's process group, once every run of this process is over

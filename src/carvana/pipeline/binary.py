@@ -68,7 +68,7 @@ def run_binary(session: Session, plan: str) -> int:
     if plan == SINGLE:
         classifier = train_model(hp, session.device, data, (data.train_images, data.train_masks, data.valid_images,
                                                             data.valid_masks), session.models_dir, session.log_dir,
-                                 session.run)
+                                 session.run, extra=session.callbacks)
         dist.barrier()  # rank 0 has written best.pt before any rank loads it
         paths = [session.models_dir / "best.pt"]
         # best_metric tracks -train_loss when there is no validation set: not a Dice then.
@@ -92,7 +92,21 @@ def run_binary(session: Session, plan: str) -> int:
         assert plan == ENSEMBLE, plan
         paths = member_paths(hp.ensemble)
     session.timer("train")
+    if not hp.predict:
+        return finish_without_predicting(session, data, paths, threshold, info)
     return submit(session, data, paths, threshold, info)
+
+
+def finish_without_predicting(session: Session, data: TaskData, paths: list[Path], threshold: float,
+                              info: dict[str, Any]) -> int:
+    """--no-predict: the training summary only (a tuning trial's record); no test predictions."""
+    if session.main:
+        summary = {"run": session.run, "data": data.source, "train_images": len(data.train_images),
+                   "valid_images": len(data.valid_images), **info, "models": [str(p) for p in paths],
+                   "threshold": threshold, "seconds_per_stage": session.timer.seconds}
+        write_json(session.record_name("summary"), summary)
+        print_summary(summary)
+    return 0
 
 
 def submit(session: Session, data: TaskData, paths: list[Path], threshold: float, info: dict[str, Any]) -> int:
@@ -131,5 +145,4 @@ def submit(session: Session, data: TaskData, paths: list[Path], threshold: float
         if hp.test_sample_size >= 1.0 and ok:
             print(f"\nUpload with:  kaggle competitions submit -c carvana-image-masking-challenge -f {output} -m \"...\"\n"
                   f"         or:  python main.py --no-train --submit --run-name {session.run}")
-    dist.shutdown()
     return 0 if ok else 1

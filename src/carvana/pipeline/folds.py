@@ -82,7 +82,7 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
             if main:
                 print(f"\n=== fold {f} of {hp.folds}: {len(split[0])} train / {len(split[2])} valid images "
                       f"({table.loc[table['fold'] == f, 'car'].nunique()} validation cars) ===")
-            train_model(hp, session.device, data, split, fold_models, fold_logs, session.run)
+            train_model(hp, session.device, data, split, fold_models, fold_logs, session.run, session.callbacks)
         dist.barrier()  # best.pt is written
         if main and (fold_models / "best.pt").is_file():  # one process scores: ~1/K of train
             scores = score_best(fold_models / "best.pt", split[2], split[3], table, f, grid, session, data.mask_rles)

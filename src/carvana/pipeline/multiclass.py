@@ -88,14 +88,28 @@ def run_multiclass(session: Session, plan: str) -> int:
     if plan == SINGLE:
         split = (data.train_images, data.train_masks, data.valid_images, data.valid_masks)
         classifier = train_model(hp, session.device, data, split, session.models_dir, session.log_dir, session.run,
-                                 extra=[PerClassTableLogger(session.log_dir)])
+                                 extra=[PerClassTableLogger(session.log_dir), *session.callbacks])
         dist.barrier()  # rank 0 has written best.pt
         epochs = classifier.epoch + 1
     elif not weights.exists() and not hp.checkpoint:
         raise PlanError(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
                         "or the --run-name of a trained run")
     session.timer("train")
-    # Predict with the best weights, in the network their checkpoint describes.
+    info = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
+            "weights": str(weights), "train_images": len(data.train_images), "valid_images": len(data.valid_images),
+            **({"epochs_trained": epochs} if plan == SINGLE else {})}
+    written = predict_masks(session, data, weights, plan, info) if hp.predict else 0
+    if session.main:
+        summary = {**info, **best_epoch_figures(session.log_dir), "seconds_per_stage": session.timer.seconds}
+        write_json(session.record_name("summary"), summary)
+        print_summary(summary)
+    return 0 if not hp.predict or written == len(data.test_images) else 1
+
+
+def predict_masks(session: Session, data: TaskData, weights: Path, plan: str, info: dict[str, Any]) -> int:
+    """Predict the test images with the best weights, in the network their checkpoint
+    describes, into palette PNG masks; returns how many were written."""
+    hp = session.hp
     given = {k: getattr(hp, k) for k in session.given} if plan != SINGLE else {}  # trained: the flags' own model
     model, config = prediction_model(weights, data.classes, given)
     classifier = classifier_for(hp, model, config, session.device, task_for(hp, data))
@@ -105,16 +119,8 @@ def run_multiclass(session: Session, plan: str) -> int:
                                tag=weights_digest(classifier.model.state_dict()),  # the weights' contents
                                fast_decode=hp.fast_decode)
     session.timer("predict")
-    if session.main:
-        summary = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
-                   "model": config.describe(), "weights": str(weights), "train_images": len(data.train_images),
-                   "valid_images": len(data.valid_images), "predicted_from": data.test_source, "masks": str(masks_dir),
-                   "masks_written": written, **({"epochs_trained": epochs} if plan == SINGLE else {}),
-                   **best_epoch_figures(session.log_dir), "seconds_per_stage": session.timer.seconds}
-        write_json(session.record_name("summary"), summary)
-        print_summary(summary)
-    dist.shutdown()
-    return 0 if written == len(data.test_images) else 1
+    info.update(model=config.describe(), predicted_from=data.test_source, masks=str(masks_dir), masks_written=written)
+    return written
 
 
 def best_epoch_figures(log_dir: Path) -> dict[str, Any]:

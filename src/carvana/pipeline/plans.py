@@ -58,6 +58,10 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
                           ("resume", "an ensemble trains nothing (its prediction resumes by itself)")):
             if getattr(hp, name) and name in given:
                 refuse(name, f"with --ensemble: {why}")
+    if not hp.predict and plan in (ENSEMBLE, PREDICT):
+        raise PlanError(f"--no-predict: nothing to do ({plan} only predicts); drop --no-predict")
+    if hp.submit and not hp.predict:
+        refuse("submit", "--no-predict writes no submission to upload")
     if hp.submit and hp.test_sample_size < 1.0:
         refuse("submit", "--test-sample-size below 1 predicts only part of the test set, which Kaggle rejects")
     if task == MULTICLASS:

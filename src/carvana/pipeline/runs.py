@@ -35,7 +35,9 @@ LOGS_DIR = Path("logs")
 RUN_DEFINING = ("dataset", "classes", "class_names", "arch", "encoder", "width", "input_size", "folds", "seed",
                 "validation_size", "sample_size", "hq", "optimizer", "scheduler")
 # Asked of this invocation only, never taken from the record.
-THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit", "message", "fold", "ensemble", "ensemble_weights")
+THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit", "message", "fold", "ensemble", "ensemble_weights",
+                   "predict", "tune", "study", "tune_storage", "tune_space", "tune_pruner", "tune_timeout",
+                   "tune_heartbeat")
 
 
 def set_workspace(base: Path) -> None:

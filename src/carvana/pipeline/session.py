@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from carvana.pipeline.settings import Command, RecipeError
 from carvana.submission.gzip_stream import SubmissionWriteError
 from carvana.submission.validate import SubmissionError
 from carvana.training import distributed as dist
+from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError
 from carvana.training.precision import choose_precision
 
@@ -75,6 +76,7 @@ class Session:
     plan: str  # plans.SINGLE | FOLDS | ENSEMBLE | PREDICT
     given: dict[str, str] = field(default_factory=dict)
     timer: StageTimer = field(default_factory=StageTimer)
+    callbacks: Sequence[Callback] = ()  # extra training callbacks (the tuner's pruning reporter)
 
     @property
     def models_dir(self) -> Path:
@@ -90,7 +92,8 @@ class Session:
         return self.log_dir / (f"{name}.json" if self.hp.train else f"predict_{name}.json")
 
 
-def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str, str]]) -> Session:
+def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str, str]],
+                 callbacks: Sequence[Callback] = ()) -> Session:
     """Start the process group, settle the run and its final settings, let ``decide`` choose
     (or refuse) the task and plan from them before anything is written, then write the
     settings record."""
@@ -108,7 +111,7 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
         for name, value in record.get("settings", {}).items():
             setattr(hp, name, value)
     seed_everything(hp.seed)
-    session = Session(hp, run, device, main, *record["decided"], command.given)
+    session = Session(hp, run, device, main, *record["decided"], command.given, callbacks=callbacks)
     if main:
         session.log_dir.mkdir(parents=True, exist_ok=True)
         precision = choose_precision(torch.device(device), hp.amp)  # the classifiers' own choice, said once

@@ -41,14 +41,16 @@ def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not launched_by_torchrun() or td.is_initialized():
+    if not launched_by_torchrun():
+        return device
+    if device.startswith("cuda"):  # this rank's own GPU, on every call (a tuning run opens one session per trial)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if td.is_initialized():
         return device
     global _timeout_s
     _timeout_s = timeout_s
     if device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device))
         td.init_process_group("nccl", device_id=torch.device(device), timeout=timedelta(seconds=timeout_s))
     else:
         td.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
