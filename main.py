@@ -49,6 +49,12 @@ BOUNDARY_WEIGHT = 1.0  # BCE weight (up to) on a band around the true mask's edg
 BOUNDARY_BAND = 2  # half-width of that band in network-input pixels
 BOUNDARY_DICE = False  # weight the band's pixels in the Dice term too
 GRAD_CLIP = 0.0  # max gradient norm; 0 = off
+# --- pseudo-labels / distillation (docs/pseudo-labels.md) ------------------------------
+TEACHER = ""  # checkpoints or run folders (as --ensemble): their predictions on unlabeled images become extra training targets
+UNLABELED = "test"  # images the teacher labels: test (the data set's test images), a FOLDER of photos, or test,FOLDER
+PSEUDO_TARGETS = "soft"  # soft: BCE and Dice against the teacher's probabilities | hard: its masks (thresholded at 0.5)
+PSEUDO_SHARE = 0.5  # share of each training batch that is pseudo-labeled; an epoch is still one pass over the labeled images
+PSEUDO_MAX_UNCERTAIN = 0.05  # leave out images with more than this fraction of uncertain pixels (0.1 < p < 0.9)
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1

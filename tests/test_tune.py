@@ -210,3 +210,17 @@ def test_bad_tuning_commands_are_one_line(demo, tmp_path, extra, words):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "s3cret" not in result.stderr + result.stdout, result.stderr
     assert not (tmp_path / "logs" / "bad" / "trials.csv").exists()  # refused before any trial
+
+
+def test_under_torchrun_every_rank_runs_rank_0s_trials(demo, tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = tune_args(demo, "ddp", 2, "--tune-pruner", "median")
+    result = run_main([*launcher, *args[1:]], tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    study = load(tmp_path, "ddp")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert result.stdout.count("##### trial 0 (") == 1  # rank 0 samples and speaks
+    for t in study.trials:  # one run per trial, trained by both ranks (each saw half the batches)
+        metrics = (tmp_path / "logs" / t.user_attrs["run"] / "metrics.csv").read_text().splitlines()
+        assert len(metrics) == 1 + 3

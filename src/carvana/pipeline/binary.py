@@ -14,9 +14,10 @@ from carvana.data.datasets import TrainImageDataset
 from carvana.data.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.mask_table import mask_table_for
 from carvana.models.registry import output_size
-from carvana.pipeline.fit import TaskData, train_model
+from carvana.pipeline.fit import TaskData, train_model, training_config
 from carvana.pipeline.folds import run_folds
 from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_threshold
+from carvana.pipeline.pseudo import pseudo_labels
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
@@ -65,17 +66,20 @@ def run_binary(session: Session, plan: str) -> int:
     session.timer("data")
     auto, threshold = parse_threshold(str(hp.threshold), hp.folds)
     info: dict[str, Any] = {"dataset_dir": str(data.folder)}
+    pseudo = pseudo_labels(session, data, training_config(hp, 1, fresh=False)) if plan in (SINGLE, FOLDS) else None
+    if pseudo is not None:
+        info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
     if plan == SINGLE:
         classifier = train_model(hp, session.device, data, (data.train_images, data.train_masks, data.valid_images,
                                                             data.valid_masks), session.models_dir, session.log_dir,
-                                 session.run, extra=session.callbacks)
+                                 session.run, extra=session.callbacks, pseudo=pseudo)
         dist.barrier()  # rank 0 has written best.pt before any rank loads it
         paths = [session.models_dir / "best.pt"]
         # best_metric tracks -train_loss when there is no validation set: not a Dice then.
         info.update(epochs_trained=classifier.epoch + 1,
                     best_valid_dice=classifier.best_metric if data.valid_images and classifier.epoch >= 0 else None)
     elif plan == FOLDS:
-        result = run_folds(session, data, threshold, auto)
+        result = run_folds(session, data, threshold, auto, pseudo)
         paths, threshold = result.members, result.threshold
         if result.summary:
             info["mean_oof_dice"] = result.summary["mean_oof_dice"]

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from carvana.data.datasets import seed_worker, train_augmentation
 from carvana.data.palette import label_grid
+from carvana.data.pseudo import MixedBatchSampler, MixedDataset, PseudoLabeledDataset
 from carvana.data.sampling import EpochSampler
 from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
@@ -123,6 +124,19 @@ def make_train_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate:
     )
 
 
+def make_mixed_loader(train_set: Dataset, pseudo: Any, hp: SimpleNamespace, pin: bool, data_hw: tuple[int, int],
+                      augment: Any) -> DataLoader:
+    """Batches whose --pseudo-share is pseudo-labeled (same augmentation, labels streamed from
+    disk); an epoch is one pass over the labeled images. Order and augmentation depend only on
+    (seed, epoch, rank), as make_train_loader's."""
+    pseudo_set = PseudoLabeledDataset(pseudo.images, pseudo.folder, data_hw, augment, hard=pseudo.hard,
+                                      seed=hp.seed + dist.rank(), fast_decode=hp.fast_decode)
+    sampler = MixedBatchSampler(len(train_set), len(pseudo_set), hp.batch_size, pseudo.share, hp.seed,
+                                dist.rank(), dist.world_size())
+    return DataLoader(MixedDataset(train_set, pseudo_set), batch_sampler=sampler, num_workers=hp.workers,
+                      pin_memory=pin, persistent_workers=hp.workers > 0, worker_init_fn=seed_worker)
+
+
 def make_valid_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate: Callable | None = None) -> DataLoader:
     """In order; under torchrun rank r scores images r, r+W, ...: each image once over all
     ranks (no padding), so the all-reduced figures are the single-process ones."""
@@ -131,9 +145,11 @@ def make_valid_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate:
 
 
 def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[list, list, list, list],
-                models_dir: Path, log_dir: Path, run: str, extra: Sequence[Callback] = ()) -> CarvanaClassifier:
+                models_dir: Path, log_dir: Path, run: str, extra: Sequence[Callback] = (),
+                pseudo: Any = None) -> CarvanaClassifier:
     """Build (or resume from ``models_dir/last.pt``) and train one model on ``split`` = (train
-    images, train masks, valid images, valid masks): a single split's model or one fold's."""
+    images, train masks, valid images, valid masks): a single split's model or one fold's;
+    with ``pseudo`` (a pipeline.pseudo.PseudoSet) its batches mix in pseudo-labeled images."""
     last = models_dir / "last.pt"
     resuming = hp.resume and last.exists()
     config = training_config(hp, data.classes, fresh=not resuming)
@@ -156,7 +172,9 @@ def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[l
     callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=resume_hint(run)), ConsoleLogger(),
                  CSVLogger(log_dir, *([] if data.classes == 1 else [MULTICLASS_COLUMNS])),
                  PreviewLogger(log_dir, classifier.threshold, grid_fn=preview_grid(data)), *extra]
-    classifier.train(make_train_loader(train_set, hp, pin, data.collate), valid_loader, hp.epochs, callbacks)
+    loader = (make_train_loader(train_set, hp, pin, data.collate) if pseudo is None
+              else make_mixed_loader(train_set, pseudo, hp, pin, data_hw, augment))
+    classifier.train(loader, valid_loader, hp.epochs, callbacks)
     if not hp.keep_last and dist.is_main_process():  # smaller run folders; the run cannot resume after this
         last.unlink(missing_ok=True)
     return classifier

@@ -64,7 +64,8 @@ def is_scored(oof_csv: Path, threshold: float) -> bool:
     return dice_column(threshold) in pd.read_csv(oof_csv, nrows=0).columns
 
 
-def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold: bool) -> FoldsResult:
+def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold: bool,
+              pseudo: Any = None) -> FoldsResult:
     """Train (or resume, or skip) the requested folds, score each out of fold, summarise."""
     hp, main = session.hp, session.main
     images, masks = data.train_images + data.valid_images, data.train_masks + data.valid_masks
@@ -82,7 +83,7 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
             if main:
                 print(f"\n=== fold {f} of {hp.folds}: {len(split[0])} train / {len(split[2])} valid images "
                       f"({table.loc[table['fold'] == f, 'car'].nunique()} validation cars) ===")
-            train_model(hp, session.device, data, split, fold_models, fold_logs, session.run, session.callbacks)
+            train_model(hp, session.device, data, split, fold_models, fold_logs, session.run, session.callbacks, pseudo)
         dist.barrier()  # best.pt is written
         if main and (fold_models / "best.pt").is_file():  # one process scores: ~1/K of train
             scores = score_best(fold_models / "best.pt", split[2], split[3], table, f, grid, session, data.mask_rles)

@@ -140,9 +140,9 @@ class ShardSampler(Sampler[int]):
 
 def set_epoch(loader: Any, epoch: int) -> None:
     """DistributedSampler shuffles per epoch only if told the epoch number."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
 
 def all_reduce_sums(*values: float) -> tuple[float, ...]:
