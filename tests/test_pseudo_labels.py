@@ -166,3 +166,22 @@ def test_labeling_killed_with_minus_9_resumes_to_identical_files(teacher, tmp_pa
     assert f"{len(expected) - partial} labeled now, {partial} reused" in again.stdout
     assert digests(next(store_root.iterdir())) == expected
     assert not list(store_root.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--teacher", "t.pt", "--no-train"], "--teacher: not used here"),
+    (["--teacher", "t.pt", "--ensemble", "a.pt"], "--teacher: not used here"),
+    (["--pseudo-share", "0.3"], "--pseudo-share: not used here"),
+    (["--unlabeled", "photos"], "add --teacher"),
+    (["--teacher", "t.pt", "--dataset", "oxford-pet"], "--teacher: not used here"),
+    (["--no-predict", "--no-train"], "--no-predict: nothing to do"),
+    (["--no-predict", "--submit"], "--submit: not used here"),
+])
+def test_settings_a_run_cannot_honour_are_refused(args, phrase):
+    from carvana.pipeline import decide
+    from carvana.pipeline.settings import parse_command
+    from test_tune import main_defaults
+
+    command = parse_command(main_defaults(), args)
+    with pytest.raises(PlanError, match=phrase.replace("-", r"\-")):
+        decide(command.hp, command.given)

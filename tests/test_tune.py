@@ -202,6 +202,7 @@ def test_storage_errors_hide_the_password():
     (["--tune-space", "nope.toml"], "nope.toml: cannot read the search space"),
     (["--resume"], "--resume: not used with --tune"),
     (["--no-train"], "cannot tune a run that does not train"),
+    (["--tune-pruner", "asha"], "--tune-pruner 'asha': expected one of median, hyperband, none"),
 ])
 def test_bad_tuning_commands_are_one_line(demo, tmp_path, extra, words):
     (tmp_path / "space.toml").write_text(SPACE)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +33,7 @@ from carvana.pipeline.runs import THIS_INVOCATION, logs_dir, set_workspace
 from carvana.pipeline.session import USER_ERRORS, user_message, workspace
 from carvana.pipeline.settings import Command, flag_of
 from carvana.training import distributed as dist
-from carvana.tuning import (Param, SpaceError, StorageError, TrialReporter, finished_count, make_pruner, open_storage,
+from carvana.tuning import (PRUNERS, Param, SpaceError, StorageError, TrialReporter, finished_count, make_pruner, open_storage,
                             redact, storage_url, study_space, write_best_recipe, write_plots, write_trials_csv)
 
 # The figure each task and plan is tuned on: (its key in the run's summary.json, its name).
@@ -40,8 +41,9 @@ OBJECTIVES = {(BINARY, SINGLE): ("best_valid_dice", "best valid Dice"),
               (BINARY, FOLDS): ("mean_oof_dice", "mean OOF Dice"),
               (MULTICLASS, SINGLE): ("best_valid_miou", "best valid mIoU")}
 MAX_FAILURES_IN_A_ROW = 3  # then the worker stops: the settings, not the draw, are at fault
-# Trials that hold a place among the N: finished, running, or queued again after their worker died.
-HOLDING_A_PLACE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+# Trials that hold a place among the N: finished or running. (A trial queued again after its
+# worker died is WAITING: it holds no place until a worker takes it, as its own next trial.)
+HOLDING_A_PLACE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
 class TuneError(ValueError):
@@ -69,6 +71,8 @@ def check_tune(hp: SimpleNamespace, given: dict[str, str], task: str, plan: str)
         raise TuneError(f"--tune: cannot tune a run that does not train ({plan}): drop --no-train / --ensemble")
     if hp.fold != "all" and plan == FOLDS:
         raise TuneError("--fold: --tune with --folds K scores every fold (the mean OOF Dice); drop --fold")
+    if hp.tune_pruner not in PRUNERS:
+        raise TuneError(f"--tune-pruner {hp.tune_pruner!r}: expected one of {', '.join(PRUNERS)}")
     if hp.tune_timeout < 0 or hp.tune_heartbeat < 1:
         raise TuneError("--tune-timeout must be >= 0 minutes and --tune-heartbeat >= 1 second")
     if not all(c.isalnum() or c in "-_." for c in hp.study) or not hp.study:
@@ -99,12 +103,18 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
     print(f"study {hp.study} in {redact(url)}: maximising the {objective[1]} of {hp.tune} trials "
           f"(now {finished_count(study)} finished)\n  searching: {'; '.join(p.describe() for p in space)}\n"
           f"  fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing (every default is searched)'}")
+    print(f"  live view:  optuna-dashboard {dashboard_target(url)}")
     loop = StudyLoop(command, study, space, objective, fixed, study_dir)
     try:
         loop.wait_for_room()
         if finished_count(study) < hp.tune:
             study.optimize(loop.objective, callbacks=[loop.after_trial], timeout=hp.tune_timeout * 60 or None,
                            catch=(SurplusTrial, TrialFailed, *USER_ERRORS), gc_after_trial=True)
+    except KeyboardInterrupt:
+        loop.report(plots=False)
+        print(f"\ninterrupted: the running trial is recorded as failed; rerun the same command to continue study "
+              f"{hp.study} ({finished_count(study)}/{hp.tune} finished)", file=sys.stderr)
+        return 130
     finally:
         dist.broadcast_object(None)  # followers: no more trials
     loop.report(plots=True)
@@ -116,6 +126,11 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
 
 class TrialFailed(Exception):
     """A trial that ran but left no objective figure."""
+
+
+def dashboard_target(url: str) -> str:
+    """What ``optuna-dashboard`` takes for this storage (a journal file by its path; no password)."""
+    return url[len("journal:"):] if url.startswith("journal:") else redact(url)
 
 
 def open_study(hp: SimpleNamespace, url: str, space: tuple[Param, ...], objective: str) -> optuna.Study:
@@ -222,7 +237,7 @@ class StudyLoop:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
             finished, running = finished_count(self.study), len(self.study.get_trials(
-                deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+                deepcopy=False, states=(TrialState.RUNNING,)))
             if finished >= self.target or finished + running < self.target:
                 return
             time.sleep(self.heartbeat)
@@ -250,7 +265,6 @@ class StudyLoop:
         if written:
             print(f"best: trial {self.study.best_trial.number}, {self.name} {self.study.best_value:.5f}; "
                   f"rerun it with:  python main.py --config {self.study_dir / 'best.toml'}")
-        dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
-        print(f"live view:  optuna-dashboard {dashboard}")
+        print(f"live view:  optuna-dashboard {dashboard_target(url)}")
 
 

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold
 
 from carvana.data.layout import car_id
 
@@ -40,6 +39,8 @@ def assign_folds(images: Sequence[Path | str], k: int, seed: int) -> pd.DataFram
     if n_cars < k:
         raise ValueError(f"--folds {k} needs at least {k} cars; the training set has {n_cars}")
     fold = np.empty(len(names), dtype=np.int64)
+    from sklearn.model_selection import GroupKFold  # here: scikit-learn costs every run ~1 s of start-up otherwise
+
     splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, valid_idx) in enumerate(splitter.split(np.zeros(len(names)), groups=cars)):
         fold[valid_idx] = f

@@ -8,11 +8,11 @@
 Imports carvana.data and carvana.training only; the study loop is carvana.pipeline.tune.
 """
 
-from carvana.tuning.pruning import TrialReporter, make_pruner
+from carvana.tuning.pruning import PRUNERS, TrialReporter, make_pruner
 from carvana.tuning.report import finished_count, write_best_recipe, write_plots, write_trials_csv
 from carvana.tuning.space import DEFAULT_SPACES, Param, SpaceError, read_space, study_space
 from carvana.tuning.storage import StorageError, open_storage, redact, storage_url
 
-__all__ = ["DEFAULT_SPACES", "Param", "SpaceError", "StorageError", "TrialReporter", "finished_count", "make_pruner",
+__all__ = ["DEFAULT_SPACES", "PRUNERS", "Param", "SpaceError", "StorageError", "TrialReporter", "finished_count", "make_pruner",
            "open_storage", "read_space", "redact", "storage_url", "study_space", "write_best_recipe", "write_plots",
            "write_trials_csv"]

@@ -65,15 +65,23 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
         connect: dict[str, Any] = {"timeout": 120}  # writers from several processes wait for the lock
     else:
         connect = {"connect_timeout": 10}  # an unreachable server is an error in seconds, not minutes
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
-            return RDBStorage(url, engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
-                              heartbeat_interval=heartbeat_s, grace_period=grace, heartbeat_stale_trial_callback=retry)
-    except Exception as exc:  # sqlalchemy/driver errors: connection refused, unknown host, bad login
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise StorageError(f"--tune-storage {redact(url)}: cannot open the study storage "
-                           f"({redact(reason[0]) if reason else type(exc).__name__})") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat is "experimental"
+                return RDBStorage(url, engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                                  heartbeat_interval=heartbeat_s, grace_period=grace,
+                                  heartbeat_stale_trial_callback=retry)
+        except Exception as exc:  # sqlalchemy/driver errors: connection refused, unknown host, bad login
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+            # Workers starting together on a new database race to create Optuna's tables: the
+            # loser's CREATE fails on an existing name; by the next try the tables are there.
+            if attempt < 4 and ("duplicate key" in reason[0] or "already exists" in reason[0]):
+                time.sleep(1.0 + attempt)
+                continue
+            raise StorageError(f"--tune-storage {redact(url)}: cannot open the study storage "
+                               f"({redact(reason[0])})") from None
+    raise AssertionError("unreachable")
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
