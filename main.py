@@ -55,6 +55,7 @@ UNLABELED = "test"  # images the teacher labels: test (the data set's test image
 PSEUDO_TARGETS = "soft"  # soft: BCE and Dice against the teacher's probabilities | hard: its masks (thresholded at 0.5)
 PSEUDO_SHARE = 0.5  # share of each training batch that is pseudo-labeled; an epoch is still one pass over the labeled images
 PSEUDO_MAX_UNCERTAIN = 0.05  # leave out images with more than this fraction of uncertain pixels (0.1 < p < 0.9)
+PSEUDO_ROUNDS = 1  # R > 1: R-1 students train first (runs <run>-round<k>), each the next round's teacher; each round resumes
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1

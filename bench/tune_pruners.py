@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXED = ["--input-size", "64x128", "--epochs", "12", "--workers", "0", "--sample-size", "1.0"]
+sys.path.insert(0, str(ROOT / "src"))
+
+from carvana.data.demo_data import write_demo_dataset  # noqa: E402
+FIXED = ["--input-size", "64x128", "--epochs", "12", "--workers", "0"]
 
 
 def main() -> None:
@@ -31,13 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tune-pruners-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # The demo data once, so neither study pays for writing it.
-    subprocess.run([sys.executable, str(ROOT / "main.py"), "--epochs", "0", "--no-predict", "--run-name", "data"],
-                   cwd=work, env=env, check=True, capture_output=True)
+    demo = write_demo_dataset(work / "demo", seed=args.seed)  # once, so neither study pays for writing it
     procs, start = {}, time.perf_counter()
     for pruner in ("median", "hyperband"):
         cmd = [sys.executable, str(ROOT / "main.py"), "--tune", "1000", "--study", pruner, "--tune-pruner", pruner,
-               "--tune-timeout", str(args.minutes), "--seed", str(args.seed), "--data-dir", str(work / "data" / "demo"),
+               "--tune-timeout", str(args.minutes), "--seed", str(args.seed), "--data-dir", str(demo),
                *FIXED]
         procs[pruner] = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     for p in procs.values():

@@ -185,3 +185,19 @@ def test_settings_a_run_cannot_honour_are_refused(args, phrase):
     command = parse_command(main_defaults(), args)
     with pytest.raises(PlanError, match=phrase.replace("-", r"\-")):
         decide(command.hp, command.given)
+
+
+def test_rounds_teach_each_next_student_and_resume_skips_finished_rounds(teacher):
+    cwd, demo = teacher
+    args = [*TINY, "--data-dir", str(demo), "--teacher", "output/models/teacher", "--pseudo-rounds", "2",
+            "--pseudo-max-uncertain", "1.0", "--run-name", "r", "--no-predict", "--output", "rounds/submit.csv.gz"]
+    first = run(cwd, args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (cwd / "logs" / "r-round1" / "round.json").exists() and (cwd / "output/models/r/best.pt").exists()
+    stores = list((cwd / "rounds" / "pseudo").iterdir())
+    assert len(stores) == 2  # labels of the teacher, then of round 1's student (another key)
+    metrics = (cwd / "logs" / "r-round1" / "metrics.csv").read_text()
+    again = run(cwd, [*args, "--resume", "--epochs", "2"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (cwd / "logs" / "r-round1" / "metrics.csv").read_text() == metrics  # round 1 was not trained again
+    assert "pseudo-labels: 0 labeled now" in again.stdout  # the final round's labels are reused too

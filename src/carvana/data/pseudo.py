@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -45,9 +46,27 @@ def label_path(folder: Path, image: Path) -> Path:
 def write_label(folder: Path, image: Path, probs: np.ndarray) -> None:
     """One image's probabilities (H, W floats in [0, 1]) as an 8-bit PNG, atomically."""
     path = label_path(folder, image)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # own name: workers of a study may label one store
     Image.fromarray(np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the half-written labels of labelings that were killed (their process is gone)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def uncertain_fraction(label: np.ndarray) -> float:

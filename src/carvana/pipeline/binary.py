@@ -16,8 +16,8 @@ from carvana.data.mask_table import mask_table_for
 from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, train_model, training_config
 from carvana.pipeline.folds import run_folds
-from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_threshold
-from carvana.pipeline.pseudo import pseudo_labels
+from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_fold, parse_threshold
+from carvana.pipeline.pseudo import finish_round, pseudo_labels, round_finished, round_session
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
@@ -66,23 +66,16 @@ def run_binary(session: Session, plan: str) -> int:
     session.timer("data")
     auto, threshold = parse_threshold(str(hp.threshold), hp.folds)
     info: dict[str, Any] = {"dataset_dir": str(data.folder)}
-    pseudo = pseudo_labels(session, data, training_config(hp, 1, fresh=False)) if plan in (SINGLE, FOLDS) else None
-    if pseudo is not None:
-        info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
-    if plan == SINGLE:
-        classifier = train_model(hp, session.device, data, (data.train_images, data.train_masks, data.valid_images,
-                                                            data.valid_masks), session.models_dir, session.log_dir,
-                                 session.run, extra=session.callbacks, pseudo=pseudo)
-        dist.barrier()  # rank 0 has written best.pt before any rank loads it
-        paths = [session.models_dir / "best.pt"]
-        # best_metric tracks -train_loss when there is no validation set: not a Dice then.
-        info.update(epochs_trained=classifier.epoch + 1,
-                    best_valid_dice=classifier.best_metric if data.valid_images and classifier.epoch >= 0 else None)
-    elif plan == FOLDS:
-        result = run_folds(session, data, threshold, auto, pseudo)
-        paths, threshold = result.members, result.threshold
-        if result.summary:
-            info["mean_oof_dice"] = result.summary["mean_oof_dice"]
+    if plan in (SINGLE, FOLDS):
+        config, teacher = training_config(hp, 1, fresh=False), hp.teacher
+        for r in range(1, hp.pseudo_rounds):  # earlier students, each the next round's teacher
+            sub = round_session(session, r, parse_fold(hp.fold, hp.folds) if plan == FOLDS else None)
+            if not round_finished(sub):
+                train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {})
+                finish_round(sub, teacher)
+            teacher = str(sub.models_dir)
+        pseudo = pseudo_labels(session, data, config, teacher)
+        paths, threshold = train_plan(session, data, plan, threshold, auto, pseudo, info)
     elif plan == PREDICT:
         paths = [Path(hp.checkpoint) if hp.checkpoint else session.models_dir / "best.pt"]
         if not hp.checkpoint and not paths[0].exists():
@@ -99,6 +92,27 @@ def run_binary(session: Session, plan: str) -> int:
     if not hp.predict:
         return finish_without_predicting(session, data, paths, threshold, info)
     return submit(session, data, paths, threshold, info)
+
+
+def train_plan(session: Session, data: TaskData, plan: str, threshold: float, auto: bool, pseudo: Any,
+               info: dict[str, Any]) -> tuple[list[Path], float]:
+    """Train a single split or the folds (with pseudo-labeled batches where ``pseudo``); returns
+    the models to predict with and the threshold, and adds the run's figures to ``info``."""
+    if pseudo is not None:
+        info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
+    if plan == SINGLE:
+        classifier = train_model(session.hp, session.device, data, (data.train_images, data.train_masks,
+                                                                    data.valid_images, data.valid_masks),
+                                 session.models_dir, session.log_dir, session.run, session.callbacks, pseudo)
+        dist.barrier()  # rank 0 has written best.pt before any rank loads it
+        # best_metric tracks -train_loss when there is no validation set: not a Dice then.
+        info.update(epochs_trained=classifier.epoch + 1,
+                    best_valid_dice=classifier.best_metric if data.valid_images and classifier.epoch >= 0 else None)
+        return [session.models_dir / "best.pt"], threshold
+    result = run_folds(session, data, threshold, auto, pseudo)
+    if result.summary:
+        info["mean_oof_dice"] = result.summary["mean_oof_dice"]
+    return result.members, result.threshold
 
 
 def finish_without_predicting(session: Session, data: TaskData, paths: list[Path], threshold: float,

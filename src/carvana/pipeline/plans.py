@@ -16,8 +16,9 @@ SINGLE, FOLDS, ENSEMBLE, PREDICT = "single split", "folds", "ensemble", "predict
 # ensembles), and only the multi-class path uses: given for the other task, they are refused.
 BINARY_ONLY = ("hq", "threshold", "test_sample_size", "chunk_size", "postprocess_workers", "submit", "message",
                "bce_weight", "boundary_weight", "boundary_band", "boundary_dice", "ensemble", "ensemble_weights",
-               "folds", "fold", "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain")
-PSEUDO = ("unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain")  # they shape --teacher's labels
+               "folds", "fold", "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
+               "pseudo_rounds")
+PSEUDO = ("unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain", "pseudo_rounds")  # they shape --teacher's labels
 MULTICLASS_ONLY = ("ce_weight", "class_weights", "class_names", "test_dir")
 
 
@@ -61,6 +62,8 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
                 refuse(name, f"with --ensemble: {why}")
     if hp.teacher and plan in (ENSEMBLE, PREDICT):
         refuse("teacher", "its pseudo-labels train a student, and this run trains nothing")
+    if hp.pseudo_rounds < 1:
+        raise PlanError(f"--pseudo-rounds {hp.pseudo_rounds}: expected 1 (teacher -> student) or more")
     for name in PSEUDO:
         if name in given and not hp.teacher:
             refuse(name, "it shapes the pseudo-labels of --teacher; add --teacher")

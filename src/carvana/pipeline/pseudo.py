@@ -13,7 +13,8 @@ so no validation image, in any fold, is ever a pseudo-labeled training image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,8 @@ from carvana.data.pseudo import select_confident, store_key
 from carvana.models.registry import ModelConfig, output_size
 from carvana.pipeline.fit import TaskData
 from carvana.pipeline.plans import PlanError
-from carvana.pipeline.session import Session
+from carvana.pipeline.runs import start_afresh
+from carvana.pipeline.session import Session, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths
 from carvana.submission.pseudo_labels import label_images
 from carvana.training import distributed as dist
@@ -55,6 +57,28 @@ def unlabeled_images(spec: str, data: TaskData) -> list[Path]:
     return [unique[name] for name in sorted(unique)]
 
 
+def round_session(session: Session, r: int, folds: list[int] | None) -> Session:
+    """Round ``r`` (of --pseudo-rounds) before the last: the run ``<run>-round<r>``. A fresh run
+    (no --resume) starts it afresh like the run itself; --resume continues it or skips it."""
+    sub = replace(session, run=f"{session.run}-round{r}")
+    if session.main and not session.hp.resume:
+        start_afresh(sub.run, folds)
+        (sub.log_dir / "round.json").unlink(missing_ok=True)
+    dist.barrier()
+    return sub
+
+
+def round_finished(sub: Session) -> bool:
+    return (sub.log_dir / "round.json").exists()
+
+
+def finish_round(sub: Session, teacher: str) -> None:
+    """Mark a round's student trained (``round.json``), so a resumed run skips it."""
+    if sub.main:
+        write_json(sub.log_dir / "round.json", {"run": sub.run, "teacher": teacher, "finished": True})
+    dist.barrier()
+
+
 def check_pseudo_settings(targets: str, share: float, max_uncertain: float) -> None:
     if targets not in ("soft", "hard"):
         raise PlanError(f"--pseudo-targets {targets!r}: expected soft or hard")
@@ -64,15 +88,15 @@ def check_pseudo_settings(targets: str, share: float, max_uncertain: float) -> N
         raise PlanError(f"--pseudo-max-uncertain {max_uncertain}: expected a fraction in [0, 1]")
 
 
-def pseudo_labels(session: Session, data: TaskData, config: ModelConfig) -> PseudoSet | None:
-    """Label the unlabeled images with --teacher (resuming a partial store), select the
-    confident ones and write labels.csv; None without --teacher."""
+def pseudo_labels(session: Session, data: TaskData, config: ModelConfig, teacher_spec: str) -> PseudoSet | None:
+    """Label the unlabeled images with the teacher (checkpoints or run folders; resuming a
+    partial store), select the confident ones and write labels.csv; None without a teacher."""
     hp = session.hp
-    if not hp.teacher:
+    if not teacher_spec:
         return None
     check_pseudo_settings(hp.pseudo_targets, hp.pseudo_share, hp.pseudo_max_uncertain)
     images, data_hw = unlabeled_images(hp.unlabeled, data), output_size(config)
-    paths = member_paths(hp.teacher)
+    paths = member_paths(teacher_spec)
     predictor = EnsemblePredictor(load_members(paths, [1.0 / len(paths)] * len(paths), session.device, hp.amp,
                                                hp.channels_last))
     teacher = {"teacher": predictor.prediction_settings(data_hw, hp.tta, hp.fast_decode), "data_size": list(data_hw),
@@ -84,8 +108,9 @@ def pseudo_labels(session: Session, data: TaskData, config: ModelConfig) -> Pseu
                                hp.workers, hp.fast_decode)
     kept, rows = select_confident(folder, images, hp.pseudo_max_uncertain)
     if session.main:
-        pd.DataFrame(rows).to_csv(folder / "labels.csv.tmp", index=False)
-        (folder / "labels.csv.tmp").replace(folder / "labels.csv")
+        tmp = folder / f".labels.csv.{os.getpid()}"  # not *.tmp: that pattern is the labels' own
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        tmp.replace(folder / "labels.csv")
         print(f"pseudo-labels: {labeled_now} labeled now, {len(images) - labeled_now} reused; kept {len(kept)} of "
               f"{len(images)} (at most {hp.pseudo_max_uncertain:g} of their pixels uncertain; {folder / 'labels.csv'})")
     dist.barrier()

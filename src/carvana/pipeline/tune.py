@@ -94,6 +94,15 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
     if not dist.is_main_process():
         follow_trials(command)
         return 0
+    try:
+        return lead_study(command, space, objective)
+    finally:
+        dist.broadcast_object(None)  # followers: no more trials (also when rank 0 stops on an error)
+
+
+def lead_study(command: Command, space: tuple[Param, ...], objective: tuple[str, str]) -> int:
+    """Rank 0: open the study, run trials until it holds N finished, write the outputs."""
+    hp, given = command.hp, command.given
     decide(hp, given)  # the fixed settings' refusals, before the first trial
     study_dir = logs_dir(hp.study)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +111,8 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
     fixed = {k: getattr(hp, k) for k in given if k not in THIS_INVOCATION}
     print(f"study {hp.study} in {redact(url)}: maximising the {objective[1]} of {hp.tune} trials "
           f"(now {finished_count(study)} finished)\n  searching: {'; '.join(p.describe() for p in space)}\n"
-          f"  fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing (every default is searched)'}")
-    print(f"  live view:  optuna-dashboard {dashboard_target(url)}")
+          f"  fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing (every default is searched)'}\n"
+          f"  live view:  optuna-dashboard {dashboard_target(url)}")
     loop = StudyLoop(command, study, space, objective, fixed, study_dir)
     try:
         loop.wait_for_room()
@@ -115,8 +124,6 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
         print(f"\ninterrupted: the running trial is recorded as failed; rerun the same command to continue study "
               f"{hp.study} ({finished_count(study)}/{hp.tune} finished)", file=sys.stderr)
         return 130
-    finally:
-        dist.broadcast_object(None)  # followers: no more trials
     loop.report(plots=True)
     if loop.failures >= MAX_FAILURES_IN_A_ROW:
         raise TuneError(f"{loop.failures} trials in a row failed (last: {loop.last_error}); fix the settings and "

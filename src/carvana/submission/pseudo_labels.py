@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from carvana.data.files import write_json_atomic
-from carvana.data.pseudo import images_without_label, write_label
+from carvana.data.pseudo import images_without_label, remove_stale_temporaries, write_label
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 
@@ -46,8 +46,7 @@ def label_images(predictor: Any, images: Sequence[Path], folder: Path, data_hw: 
     folder = Path(folder)
     if dist.is_main_process():
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # a label half-written when a labeling was killed
-            stale.unlink()
+        remove_stale_temporaries(folder)  # labels half-written when a labeling was killed
         if not (folder / "teacher.json").exists():
             write_json_atomic(folder / "teacher.json", json.loads(json.dumps(teacher, default=str)), indent=2)
     dist.barrier()
