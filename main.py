@@ -54,7 +54,7 @@ TEACHER = ""  # checkpoints or run folders (as --ensemble): their predictions on
 UNLABELED = "test"  # images the teacher labels: test (the data set's test images), a FOLDER of photos, or test,FOLDER
 PSEUDO_TARGETS = "soft"  # soft: BCE and Dice against the teacher's probabilities | hard: its masks (thresholded at 0.5)
 PSEUDO_SHARE = 0.5  # share of each training batch that is pseudo-labeled; an epoch is still one pass over the labeled images
-PSEUDO_MAX_UNCERTAIN = 0.05  # leave out images with more than this fraction of uncertain pixels (0.1 < p < 0.9)
+PSEUDO_MAX_UNCERTAIN = 1.0  # leave out images with more than this fraction of uncertain pixels (0.1 < p < 0.9); 1 = keep all (labels.csv lists each image's)
 PSEUDO_ROUNDS = 1  # R > 1: R-1 students train first (runs <run>-round<k>), each the next round's teacher; each round resumes
 AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes

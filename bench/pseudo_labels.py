@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +34,16 @@ BASE = ["--input-size", "256x384", "--epochs", "1000", "--validation-size", "0.2
 
 def run(work: Path, name: str, minutes: float, *args: str) -> dict:
     """One main.py run; returns its summary plus wall seconds, test Dice and prediction img/s."""
-    start = time.perf_counter()
+    done = work / "logs" / name / "summary.json"
     cmd = [sys.executable, str(ROOT / "main.py"), *BASE, "--time-budget", str(minutes), "--run-name", name,
            "--output", f"output/{name}.csv.gz", *args]
-    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    if not (done.exists() and (work / "output" / f"{name}.csv.gz").exists()):  # --work: finished runs are kept
+        result = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((work / "logs" / name / "summary.json").read_text())
     stages = summary["seconds_per_stage"]
-    return {"name": name, "wall": time.perf_counter() - start, "test": score_submission(
+    return {"name": name, "wall": sum(stages.values()), "test": score_submission(
         work / "output" / f"{name}.csv.gz", DATA / "test_solution.csv"), "valid": summary.get(
         "best_valid_dice") or summary.get("mean_oof_dice"), "img_s": summary["test_images"] / stages["predict"]}
 
@@ -53,18 +53,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "carvana-sample")
     parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--max-uncertain", default="1.0", help="--pseudo-max-uncertain of the students")
+    parser.add_argument("--work", type=Path, default=None, help="a folder of an earlier call: its finished runs are kept")
     args = parser.parse_args()
     DATA, m = args.data.resolve(), args.minutes
-    work = Path(tempfile.mkdtemp(prefix="pseudo-bench-"))
-    d = ["--data-dir", str(DATA)]
+    work = args.work or Path(tempfile.mkdtemp(prefix="pseudo-bench-"))
+    d, keep = ["--data-dir", str(DATA)], ["--pseudo-max-uncertain", args.max_uncertain]
     rows = [run(work, "labels-2m", 2 * m, *d),
             run(work, "teacher-m", m, *d)]
-    rows.append(run(work, "student-m", m, *d, "--teacher", "output/models/teacher-m"))
+    rows.append(run(work, "student-m", m, *d, "--teacher", "output/models/teacher-m", *keep))
     rows.append(run(work, "folds2", m, *d, "--folds", "2"))
-    rows.append(run(work, "distilled", m, *d, "--width", "0.125", "--teacher", "output/models/folds2"))
+    rows.append(run(work, "distilled", m, *d, "--width", "0.125", "--teacher", "output/models/folds2", *keep))
     rows.append(run(work, "small-labels", m, *d, "--width", "0.125"))
     print(f"{m:g} training minutes per run (folds: per fold), {os.cpu_count()} cores, {' '.join(BASE)}")
-    print("| run | training minutes | wall s | valid / OOF Dice | test Dice | predict img/s |")
+    print("| run | training minutes | run s | valid / OOF Dice | test Dice | predict img/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     minutes = {"labels-2m": 2 * m, "folds2": 2 * m}
     for r in rows:

@@ -29,6 +29,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 MAX_RETRY = 2  # a trial whose worker died is re-run at most this many times
 HEARTBEAT_KEY = "carvana:heartbeat"
+# What a worker sees when another one creates the same new study database at the same moment
+# (PostgreSQL, SQLite): the tables or their first rows exist by the next try.
+RACES = ("duplicate key", "already exists", "UNIQUE constraint failed", "database is locked")
 
 
 class StorageError(ValueError):
@@ -74,9 +77,7 @@ def open_storage(url: str, heartbeat_s: int) -> optuna.storages.BaseStorage:
                                   heartbeat_stale_trial_callback=retry)
         except Exception as exc:  # sqlalchemy/driver errors: connection refused, unknown host, bad login
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
-            # Workers starting together on a new database race to create Optuna's tables: the
-            # loser's CREATE fails on an existing name; by the next try the tables are there.
-            if attempt < 4 and ("duplicate key" in reason[0] or "already exists" in reason[0]):
+            if attempt < 4 and any(race in reason[0] for race in RACES):
                 time.sleep(1.0 + attempt)
                 continue
             raise StorageError(f"--tune-storage {redact(url)}: cannot open the study storage "
