@@ -165,11 +165,5 @@ class MixedBatchSampler(Sampler):
             yield [(self.epoch, i) for i in batch]
 
 
-def store_description(folder: Path) -> dict[str, Any]:
-    """teacher.json of a store ({} when it has none yet)."""
-    path = Path(folder) / "teacher.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def images_without_label(folder: Path, images: Sequence[Path]) -> list[Path]:
     return [Path(i) for i in images if not label_path(folder, i).exists()]
