@@ -181,7 +181,7 @@ def test_the_prediction_fingerprint_changes_with_the_setting(photo, tmp_path):
     assert fingerprint_of(prediction_components(["a"], 2, 0.5, settings=on)) != \
         fingerprint_of(prediction_components(["a"], 2, 0.5, settings=off))
     config = ModelConfig(arch="unet1024", width=0.125, input_size=(64, 96))
-    member = lambda w: Member(Path("m.pt"), SimpleNamespace(device=torch.device("cpu"), amp_dtype=None),  # noqa: E731
+    member = lambda w: Member(Path("m.pt"), SimpleNamespace(device=torch.device("cpu"), amp_dtype=None, streams=1),  # noqa: E731
                               config, w, "sha256 x")
     two = EnsemblePredictor([member(0.5), member(0.5)], progress=False)
     assert two.prediction_settings((64, 96), False)["fast_decode"] is True

@@ -107,6 +107,7 @@ def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelCon
         time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
         weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
         channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
+        eval_streams=hp.eval_streams,
         # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
         threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
     )

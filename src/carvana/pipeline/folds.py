@@ -110,7 +110,7 @@ def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], ta
     """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
     model's own data size): one row per image with its Dice at each threshold of ``grid``."""
     hp = session.hp
-    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last)
+    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams)
     scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
                         hp.predict_batch_size, hp.workers, mask_rles, fast_decode=hp.fast_decode)
     meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)

@@ -98,7 +98,7 @@ def pseudo_labels(session: Session, data: TaskData, config: ModelConfig, teacher
     images, data_hw = unlabeled_images(hp.unlabeled, data), output_size(config)
     paths = member_paths(teacher_spec)
     predictor = EnsemblePredictor(load_members(paths, [1.0 / len(paths)] * len(paths), session.device, hp.amp,
-                                               hp.channels_last))
+                                               hp.channels_last, hp.eval_streams))
     teacher = {"teacher": predictor.prediction_settings(data_hw, hp.tta, hp.fast_decode), "data_size": list(data_hw),
                "models": [str(p) for p in paths]}
     folder = Path(hp.output).parent / "pseudo" / store_key({k: v for k, v in teacher.items() if k != "models"})

@@ -33,6 +33,7 @@ from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError
 from carvana.training.precision import choose_precision
+from carvana.training.streams import choose_eval_streams
 
 # Errors whose message already says what is wrong and what to do: main.py prints them as
 # one line, without a traceback. Anything else is a bug and keeps its traceback.
@@ -99,6 +100,10 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     settings record."""
     hp = command.hp
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
+    try:  # the classifiers choose again with the same function; refused here, before anything is written
+        choose_eval_streams(torch.device(device), hp.eval_streams)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     main = dist.is_main_process()
     base = workspace()
     if base is not None:  # the same on every rank: a pure function of the environment and cwd

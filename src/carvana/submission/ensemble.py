@@ -25,9 +25,11 @@ import hashlib
 import json
 import re
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,8 @@ from carvana.data.layout import ORIG_SHAPE, is_native
 from carvana.models.registry import ModelConfig, output_size as data_size
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList
+from carvana.training.evaluation import batch_probabilities
+from carvana.training.streams import ordered_map
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.sharded import prediction_settings as single_model_settings
 from carvana.training.checkpoint import CheckpointError, load_model
@@ -96,8 +100,9 @@ def parse_weights(text: str, n: int) -> list[float]:
 
 
 def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | torch.device = "cpu",
-                 amp: bool = True, channels_last: bool = True) -> list[Member]:
-    """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction."""
+                 amp: bool = True, channels_last: bool = True, eval_streams: int = 0) -> list[Member]:
+    """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction.
+    ``eval_streams``: batches predicted at once on a CPU (0 = one per core; training/streams.py)."""
     members = []
     for path, weight in zip(paths, weights):
         model, config, state = load_model(path, map_location="cpu")
@@ -105,7 +110,7 @@ def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | 
             raise CheckpointError(f"{path}: a {config.classes}-class model, which cannot predict the binary Carvana "
                                   "car masks")
         clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
-                                progress=False, preview_count=0, model_config=config)
+                                progress=False, preview_count=0, model_config=config, eval_streams=eval_streams)
         members.append(Member(Path(path), clf, config, float(weight), weights_digest(state["model"])))
     return members
 
@@ -154,11 +159,6 @@ class MultiSizeTestDataset(Dataset):
         return item
 
 
-class _Collect(Callback):
-    def on_predict_batch_end(self, trainer: Any, names: list[str], probs: Any) -> None:
-        self.probs = probs
-
-
 class EnsemblePredictor:
     """Averages its members' probabilities per batch and feeds them to the callbacks."""
 
@@ -172,6 +172,7 @@ class EnsemblePredictor:
         self.sizes = [data_size(m.config) for m in self.members]
         self.output_hw = max((output_size(s) for s in self.sizes), key=lambda hw: (hw[0] * hw[1], hw))
         self.progress = progress and dist.is_main_process()
+        self.streams = self.members[0].classifier.streams
 
     def tag(self) -> str:
         """Identifies the ensemble for resuming a partial submission: every member's weights
@@ -207,13 +208,12 @@ class EnsemblePredictor:
 
     @torch.no_grad()
     def average(self, batch: dict, tta: bool = False) -> torch.Tensor:
-        """The weighted mean (B, h, w) probabilities of one loader batch, on the device."""
+        """The weighted mean (B, h, w) probabilities of one loader batch, on the device.
+        Call inside :meth:`fixed_weights`; safe on several threads."""
         acc = None
         for m in self.members:
             sub = {"image": batch[size_key(data_size(m.config))], "name": batch["name"], "ok": batch["ok"]}
-            collect = _Collect()
-            m.classifier.predict([sub], [collect], tta=tta)
-            p = collect.probs.float()
+            p = batch_probabilities(m.classifier, sub, tta).float()
             if len(self.members) == 1:
                 return p  # byte-identical to the model's own prediction
             if tuple(p.shape[-2:]) != self.output_hw:
@@ -222,14 +222,26 @@ class EnsemblePredictor:
             acc = p if acc is None else acc + p
         return acc
 
+    @contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """Every member's eval mode and fixed-weights context (an eval loop)."""
+        with ExitStack() as stack:
+            for m in self.members:
+                stack.enter_context(m.classifier.fixed_weights())
+                m.classifier.eval_net.eval()
+            yield
+
     def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
-        """Same contract as ``CarvanaClassifier.predict``: callbacks get averaged probabilities."""
+        """Same contract as ``CarvanaClassifier.predict``: callbacks get averaged probabilities,
+        in order; on a CPU several batches at once (the first member's streams)."""
         cbs = CallbackList(callbacks)
         cbs.on_predict_start(self)
         try:
-            for batch in tqdm(loader, desc=f"predict x{len(self.members)}", dynamic_ncols=True,
-                              disable=None if self.progress else True):  # None: no bar when not a terminal
-                cbs.on_predict_batch_end(self, list(batch["name"]), self.average(batch, tta))
+            with self.fixed_weights():
+                bar = tqdm(loader, desc=f"predict x{len(self.members)}", dynamic_ncols=True,
+                           disable=None if self.progress else True)  # None: no bar when not a terminal
+                for batch, probs in ordered_map(partial(self.average, tta=tta), bar, self.streams):
+                    cbs.on_predict_batch_end(self, list(batch["name"]), probs)
         except BaseException as exc:
             cbs.on_exception(self, exc)
             raise

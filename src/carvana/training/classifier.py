@@ -28,6 +28,7 @@ from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
 from carvana.training.inference import cpu_inference_copy
 from carvana.training.precision import choose_precision, use_channels_last
+from carvana.training.streams import choose_eval_streams
 from carvana.training.tasks import BinaryTask
 
 
@@ -62,6 +63,7 @@ class CarvanaClassifier:
         loss_fn: nn.Module | None = None,
         freeze_encoder_epochs: int = 0,
         time_budget: float = 0.0,
+        eval_streams: int = 0,
     ) -> None:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
@@ -85,6 +87,9 @@ class CarvanaClassifier:
         # and weights cast once to the run's precision (training/inference.py), channels_last
         # unless --no-channels-last (faster for CPU inference, slower for CPU training).
         self.inference = cpu_inference_copy(self.device, self.amp_dtype, channels_last)
+        # Batches validated and predicted at once (CPU: one per core, each single-threaded;
+        # CUDA: 1), see training/streams.py.
+        self.streams = choose_eval_streams(self.device, eval_streams)
         # The task (training/tasks.py) decides targets, loss, activation and validation metrics:
         # binary car masks unless a multi-class task is given. A given loss_fn (e.g. the
         # boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight for the binary task.

@@ -6,6 +6,7 @@ copy checks the weights once per call rather than once per batch.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterable
 
 import numpy as np
@@ -17,25 +18,33 @@ from carvana.data.postprocess import crop_native
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training.losses import competition_dice
+from carvana.training.streams import ordered_map
+
+
+@torch.no_grad()
+def _validation_batch(trainer: Any, batch: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """One validation batch: (summed loss, per-image Dice, probabilities), on any stream."""
+    images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
+    logits = trainer.eval_forward(images)
+    loss = trainer.loss_fn(logits, masks).item() * images.shape[0]
+    probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
+    return loss, competition_dice(probs, batch["full_mask"].numpy(), trainer.threshold), probs
 
 
 @torch.no_grad()
 def validate_binary(trainer: Any, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
     """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,
-    per image, averaged). Under DDP each rank scores its shard and sums are reduced."""
+    per image, averaged). Under DDP each rank scores its shard and sums are reduced.
+    On a CPU, ``trainer.streams`` batches are scored at once (training/streams.py)."""
     with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
         trainer.eval_net.eval()
         loss_sum, dice_sum, count = 0.0, 0.0, 0
         preview: Preview | None = None
         bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
-        for batch in bar:
-            images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
-            logits = trainer.eval_forward(images)
-            loss_sum += trainer.loss_fn(logits, masks).item() * images.shape[0]
-            probs = torch.sigmoid(logits)[:, 0].cpu().numpy()
-            dice = competition_dice(probs, batch["full_mask"].numpy(), trainer.threshold)
+        for batch, (loss, dice, probs) in ordered_map(partial(_validation_batch, trainer), bar, trainer.streams):
+            loss_sum += loss
             dice_sum += float(dice.sum())
-            count += images.shape[0]
+            count += len(dice)
             if trainer.progress:
                 bar.set_postfix(dice=f"{dice_sum / count:.4f}")
             if preview is None and trainer.preview_count > 0:
@@ -52,26 +61,38 @@ def validate_binary(trainer: Any, loader: Iterable[dict]) -> tuple[float, float,
 
 
 @torch.no_grad()
+def batch_probabilities(trainer: Any, batch: dict, tta: bool = False) -> torch.Tensor:
+    """The probabilities of one loader batch: binary (B, h, w), multi-class (B, C, h, w).
+
+    ``tta`` averages them with those of the horizontal mirror. A native-resolution map is
+    cropped to 1918 columns, never resampled; images the loader could not read (ok=False)
+    get all-zero maps. Call inside ``trainer.fixed_weights()``; safe on several threads.
+    """
+    images = trainer._images_to_device(batch["image"])
+    probs = trainer.task.activate(trainer.eval_forward(images))
+    if tta:
+        probs = (probs + trainer.task.activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
+    probs = crop_native(probs)
+    if "ok" in batch:
+        probs[~batch["ok"].to(trainer.device)] = 0.0
+    return probs
+
+
+@torch.no_grad()
 def predict(trainer: Any, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:
-    """Run the model over ``loader``; each batch's probabilities go to the callbacks.
+    """Run the model over ``loader``; each batch's probabilities go to the callbacks, in order.
 
     ``tta`` averages the probabilities of the image and its horizontal mirror.
     Images the loader could not read (ok=False) get an all-zero probability map.
+    On a CPU, ``trainer.streams`` batches are predicted at once (training/streams.py).
     """
     with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
         cbs = CallbackList(callbacks)
         trainer.eval_net.eval()
         cbs.on_predict_start(trainer)
         try:
-            for batch in tqdm(loader, desc="predict", disable=trainer._bar_off, dynamic_ncols=True):
-                images = trainer._images_to_device(batch["image"])
-                # binary: (B, h, w) car probabilities; multi-class: (B, C, h, w)
-                probs = trainer.task.activate(trainer.eval_forward(images))
-                if tta:
-                    probs = (probs + trainer.task.activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
-                probs = crop_native(probs)  # native-resolution padding is cropped, never resampled
-                if "ok" in batch:
-                    probs[~batch["ok"].to(trainer.device)] = 0.0
+            bar = tqdm(loader, desc="predict", disable=trainer._bar_off, dynamic_ncols=True)
+            for batch, probs in ordered_map(partial(batch_probabilities, trainer, tta=tta), bar, trainer.streams):
                 cbs.on_predict_batch_end(trainer, list(batch["name"]), probs)
         except BaseException as exc:
             cbs.on_exception(trainer, exc)

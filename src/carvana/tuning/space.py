@@ -23,7 +23,7 @@ from typing import Any
 NOT_TUNABLE = ("tune", "study", "tune_storage", "tune_space", "tune_pruner", "tune_timeout", "tune_heartbeat",
                "run_name", "resume", "train", "predict", "checkpoint", "output", "submit", "message", "device",
                "data_dir", "data_root", "dataset", "classes", "class_names", "test_dir", "ensemble",
-               "ensemble_weights", "fold", "folds", "keep_last", "workers", "dist_timeout", "seed")
+               "ensemble_weights", "fold", "folds", "keep_last", "workers", "eval_streams", "dist_timeout", "seed")
 
 
 class SpaceError(ValueError):
