@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from carvana.data.demo_data import write_demo_dataset
-from carvana.data.pseudo import MixedBatchSampler, PseudoLabeledDataset, label_path, select_confident, write_label
+from carvana.data.pseudo import MixedBatchSampler, PseudoLabeledDataset, select_confident, write_label
 from carvana.pipeline.fit import TaskData
 from carvana.pipeline.plans import PlanError
 from carvana.pipeline.pseudo import unlabeled_images

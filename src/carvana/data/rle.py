@@ -21,7 +21,7 @@ import numpy as np
 
 from carvana.data.layout import ORIG_SHAPE
 
-__all__ = ["RLEError", "rle_encode", "rle_decode", "rle_to_runs"]
+__all__ = ["RLEError", "rle_encode", "rle_decode", "rle_from_transitions", "rle_to_runs"]
 
 _ONES = np.uint64(0x0101010101010101)  # every byte 1: a word of eight mask pixels all set
 _NOT_ONES = ~_ONES
@@ -212,7 +212,13 @@ def rle_encode(mask: np.ndarray) -> str:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"rle_encode: expected a 2-D mask, got shape {mask.shape}")
-    runs = _transitions(_flat_bytes(mask))
+    return rle_from_transitions(_transitions(_flat_bytes(mask)))
+
+
+def rle_from_transitions(positions: np.ndarray) -> str:
+    """The RLE string of a mask given by its sorted 0-based transition positions (int64):
+    run starts and (exclusive) ends, alternating. Modifies ``positions``."""
+    runs = positions
     runs += 1  # 1-indexed starts; run ends (exclusive) shift the same way
     runs[1::2] -= runs[::2]  # ends -> lengths
     return _format_ints(runs)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from carvana.data.layout import ORIG_SHAPE
-from carvana.data.postprocess import upsample_mask
+from carvana.data.postprocess import upsampled_rle
 from carvana.data.rle import rle_encode
 from carvana.submission.gzip_stream import iter_single_member_lines
 
@@ -33,8 +33,7 @@ def upsample_masks_torch(probs: Any, threshold: float) -> np.ndarray:
 def _encode_row(name: str, data: np.ndarray, threshold: float, is_mask: bool) -> tuple[str, float]:
     """Worker job: probability map (or ready mask) -> 'name,rle\\n' and the seconds it took."""
     t0 = time.perf_counter()
-    mask = data if is_mask else upsample_mask(data, threshold)
-    row = f"{name},{rle_encode(mask)}\n"
+    row = f"{name},{rle_encode(data) if is_mask else upsampled_rle(data, threshold)}\n"
     return row, time.perf_counter() - t0
 
 
