@@ -1,4 +1,4 @@
-"""python -m carvana.export: ONNX with the normalisation inside, parity with PyTorch, README snippet."""
+"""python -m carvana.export: ONNX with the normalisation inside, parity with PyTorch, the docs snippet."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from carvana.training.checkpoint import load_model
 from carvana.models.registry import ModelConfig
 from segment_helpers import bright, save_model, tiny_unet, use_bright_archs
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SNIPPET_DOC = Path(__file__).resolve().parents[1] / "docs" / "segment-export.md"
 
 
 @pytest.fixture(autouse=True)
@@ -80,21 +80,21 @@ def test_onnx_parity_on_real_sample_photos(exported, carvana_sample):
     assert result["max_abs_diff"] < export.PARITY_TOLERANCE and result["mask_pixels_differing"] == 0, result
 
 
-def readme_snippet() -> str:
-    text = README.read_text()
+def docs_snippet() -> str:
+    text = SNIPPET_DOC.read_text()
     match = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its onnxruntime snippet (marked <!-- onnx-snippet -->)"
+    assert match, "docs/segment-export.md lost its onnxruntime snippet (marked <!-- onnx-snippet -->)"
     return match.group(1)
 
 
 def test_readme_onnx_snippet_runs_without_the_package(tmp_path):
-    """The README's snippet, run with torch, cv2 and carvana unimportable, matches segment's mask."""
+    """The docs snippet, run with torch, cv2 and carvana unimportable, matches segment's mask."""
     ckpt = bright(tmp_path / "b.pt")
     assert export.main(["--checkpoint", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
     photo = np.zeros((517, 333, 3), np.uint8)
     photo[100:400, 50:300] = 255
     Image.fromarray(photo).save(tmp_path / "car.png")
-    (tmp_path / "snippet.py").write_text(readme_snippet())
+    (tmp_path / "snippet.py").write_text(docs_snippet())
     blocker = ("import sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'cv2', 'carvana')]; "
                "sys.argv = ['snippet.py', 'm.onnx', 'car.png']; exec(open('snippet.py').read())")
     subprocess.run([sys.executable, "-c", blocker], cwd=tmp_path, check=True, timeout=120)

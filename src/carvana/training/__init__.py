@@ -7,6 +7,7 @@
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
   inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once, pools without indices
+  streams           - CPU evaluation streams: one batch per core at once, results in order
   evaluation        - the binary validation and the prediction loop (functions of the trainer)
   classifier        - CarvanaClassifier: the training loop; validate / predict delegate to evaluation
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
