@@ -287,7 +287,7 @@ def draw_car(spec: CarSpec | np.random.Generator, angle_index: int, size: tuple[
     mask = np.zeros((h, w), np.uint8)
 
     # Soft shadow: footprint + tyre contacts, drawn at 1/8 scale and blurred; it only darkens the floor.
-    half, wx, (length, width, *_rest) = geo["half"], geo["wheel_x"], spec.dims
+    half, wx, (_length, width, *_rest) = geo["half"], geo["wheel_x"], spec.dims
     small = np.zeros((max(h // 8, 8), max(w // 8, 8)), np.float32)
     k = np.array([small.shape[1] / w, small.shape[0] / h])
     t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
