@@ -1,5 +1,5 @@
-"""Durable file writes shared by every layer: a JSON record replaced atomically (temp name,
-fsync, rename) and the directory fsync that makes a rename itself survive a crash."""
+"""Durable file writes shared by every layer: a JSON record or a text replaced atomically (temp
+name, fsync, rename) and the directory fsync that makes a rename itself survive a crash."""
 
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ def write_json_atomic(path: Path, data: dict[str, Any], fsync: bool = True, inde
         if fsync:
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary name of this process's own
+    (``.<name>.<pid>.tmp``: several processes may write one file), so a reader never sees half
+    a file; the rename is made durable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -13,12 +13,12 @@ so no validation image, in any fold, is ever a pseudo-labeled training image.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
+from carvana.data.files import write_text_atomic
 from carvana.data.pseudo import select_confident, store_key
 from carvana.models.registry import ModelConfig, output_size
 from carvana.pipeline.fit import TaskData
@@ -108,9 +108,7 @@ def pseudo_labels(session: Session, data: TaskData, config: ModelConfig, teacher
                                hp.workers, hp.fast_decode)
     kept, rows = select_confident(folder, images, hp.pseudo_max_uncertain)
     if session.main:
-        tmp = folder / f".labels.csv.{os.getpid()}"  # not *.tmp: that pattern is the labels' own
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-        tmp.replace(folder / "labels.csv")
+        write_text_atomic(folder / "labels.csv", pd.DataFrame(rows).to_csv(index=False))
         print(f"pseudo-labels: {labeled_now} labeled now, {len(images) - labeled_now} reused; kept {len(kept)} of "
               f"{len(images)} (at most {hp.pseudo_max_uncertain:g} of their pixels uncertain; {folder / 'labels.csv'})")
     dist.barrier()

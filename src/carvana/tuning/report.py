@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from carvana.data.files import fsync_dir
+from carvana.data.files import write_text_atomic
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards --tune N
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
@@ -23,21 +23,13 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_trials_csv(study: optuna.Study, path: Path) -> int:
     """One row per trial: number, state, value, start, duration, its run and parameters."""
     table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "duration", "params",
                                           "user_attrs"))
     if "duration" in table:
         table.insert(3, "seconds", table.pop("duration").dt.total_seconds().round(1))
-    _replace(path, table.to_csv(index=False))
+    write_text_atomic(path, table.to_csv(index=False))
     return len(table)
 
 
@@ -92,5 +84,5 @@ def write_best_recipe(study: optuna.Study, fixed: dict[str, Any], objective: str
              "# Fixed for the study:"]
     lines += [f"{name} = {toml_value(value)}" for name, value in fixed.items()]
     lines += ["# Sampled:"] + [f"{name} = {toml_value(value)}" for name, value in best.params.items()]
-    _replace(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return True
