@@ -228,7 +228,6 @@ class EnsemblePredictor:
         with ExitStack() as stack:
             for m in self.members:
                 stack.enter_context(m.classifier.fixed_weights())
-                m.classifier.eval_net.eval()
             yield
 
     def predict(self, loader: Iterable[dict], callbacks: Iterable[Callback] = (), tta: bool = False) -> None:

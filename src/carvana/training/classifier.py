@@ -148,8 +148,9 @@ class CarvanaClassifier:
             return self.eval_net(images).float()
 
     def fixed_weights(self):
-        """Context for an eval loop: the weights don't change inside, so the CPU inference
-        copy checks them once on entry, not on every batch."""
+        """Context for an eval loop: puts the network in eval mode; the weights don't change
+        inside, so the CPU inference copy checks them once on entry, not on every batch."""
+        self.eval_net.eval()
         return self.inference.fixed_weights(self.model) if self.inference is not None else nullcontext()
 
     def _images_to_device(self, x: torch.Tensor) -> torch.Tensor:

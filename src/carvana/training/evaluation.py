@@ -37,7 +37,6 @@ def validate_binary(trainer: Any, loader: Iterable[dict]) -> tuple[float, float,
     per image, averaged). Under DDP each rank scores its shard and sums are reduced.
     On a CPU, ``trainer.streams`` batches are scored at once (training/streams.py)."""
     with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
-        trainer.eval_net.eval()
         loss_sum, dice_sum, count = 0.0, 0.0, 0
         preview: Preview | None = None
         bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
@@ -88,7 +87,6 @@ def predict(trainer: Any, loader: Iterable[dict], callbacks: Iterable[Callback] 
     """
     with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
         cbs = CallbackList(callbacks)
-        trainer.eval_net.eval()
         cbs.on_predict_start(trainer)
         try:
             bar = tqdm(loader, desc="predict", disable=trainer._bar_off, dynamic_ncols=True)

@@ -191,7 +191,6 @@ class MultiClassTask:
     @torch.no_grad()
     def validate(self, trainer: Any, loader: Iterable[dict]) -> tuple[dict[str, float], Preview | None]:
         """Loss and metrics over the validation set (sharded under torchrun, sums reduced)."""
-        trainer.eval_net.eval()
         cm = np.zeros((self.classes, self.classes), dtype=np.int64)
         loss_sum, count, preview = 0.0, 0, None
         bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)  # none in logs
