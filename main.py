@@ -95,8 +95,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without `pip install -e .` too
 
-from carvana.pipeline import main  # noqa: E402
+from carvana.pipeline import finish, main  # noqa: E402
 from carvana.pipeline.settings import settings_from  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(settings_from(globals()), Path(__file__).read_text(), __doc__))
+    sys.exit(finish(main(settings_from(globals()), Path(__file__).read_text(), __doc__)))

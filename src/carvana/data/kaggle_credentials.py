@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from carvana.data.secrets import redact, register_secret_source
 
 TOKEN_URL = "https://www.kaggle.com/settings"
 HOW_TO_CONFIGURE = (
@@ -131,8 +132,8 @@ def find_credentials() -> str | None:
 
 
 def _secret_values() -> list[str]:
-    """Every credential value visible to this process, so messages can be scrubbed of them."""
-    values = [os.environ.get(name) for name in ("KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_PASSWD")]
+    """The Kaggle credential values kept in files (the environment's are secrets.py's own)."""
+    values = []
     token_env = os.environ.get("KAGGLE_API_TOKEN")
     if token_env and Path(token_env).exists():
         values.append(_read_text(Path(token_env)))
@@ -141,16 +142,10 @@ def _secret_values() -> list[str]:
         config = _config_dir() / "kaggle.json"
         if config.is_file():
             values.append(str(_read_kaggle_json(config).get("key") or ""))
-    return [v for v in values if v and len(v) >= 4]
+    return [v for v in values if v]
 
 
-def redact(text: str) -> str:
-    """Remove credential values, URL query strings (signed tokens) and auth headers from text."""
-    for secret in _secret_values():
-        text = text.replace(secret, "***")
-    text = re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?<redacted>", text)
-    return re.sub(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", r"\1 ***", text)
-
+register_secret_source(_secret_values)
 
 
 class RedactedError(Exception):

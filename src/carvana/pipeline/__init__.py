@@ -1,6 +1,7 @@
 """``python main.py``: settings and recipes -> a task and a plan -> one run.
 
   settings - main.py's flags and ``--config`` TOML recipes
+  roles    - what each setting is (run-defining, per command, tunable, machine-local, secret): one table
   plans    - the task (binary | multi-class) and plan (single | folds | ensemble | predict), refusals
   runs     - which run, whose settings win on --resume, fresh starts
   session  - what every run has: device, folders, settings record, clock, user errors
@@ -18,13 +19,14 @@ from types import SimpleNamespace
 from typing import Any, Sequence
 
 from carvana.pipeline.fit import parse_crop, training_config
+from carvana.pipeline.roles import check_roles
 from carvana.pipeline.plans import FOLDS, MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
 from carvana.pipeline.session import USER_ERRORS, open_session, user_message
 from carvana.pipeline.settings import Command, comments_of, parse_command
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 
-__all__ = ["USER_ERRORS", "main", "run_command"]
+__all__ = ["USER_ERRORS", "finish", "main", "run_command"]
 
 
 def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
@@ -55,7 +57,7 @@ def run_command(command: Command, callbacks: Sequence[Callback] = ()) -> int:
     return run_binary(session, session.plan)
 
 
-def tune(command: Command, defaults: dict[str, Any]) -> int:
+def tune_command(command: Command, defaults: dict[str, Any]) -> int:
     """--tune N (Optuna is imported only by a tuning run)."""
     from carvana.pipeline.tune import TUNE_ERRORS, run_study
 
@@ -68,13 +70,29 @@ def tune(command: Command, defaults: dict[str, Any]) -> int:
 
 def main(defaults: dict[str, Any], source: str, doc: str, argv: Sequence[str] | None = None) -> int:
     """main.py's entry: parse, run, and print user errors as one line (completed work is kept)."""
+    check_roles(defaults)  # a setting added to main.py without a role fails here, before anything runs
     try:
         command = parse_command(defaults, argv, comments_of(source), doc.strip().splitlines()[0])
         if command.hp.tune:
-            return tune(command, defaults)
+            return tune_command(command, defaults)
         return run_command(command)
     except USER_ERRORS as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     finally:
         dist.shutdown()  # torchrun's process group, once every run of this process is over
+
+
+def finish(code: int) -> int:
+    """The process's exit, after main(): under torchrun, once the process group is shut down and
+    every file is written, the process ends at once (``os._exit``) instead of through the
+    interpreter's teardown. There the transport's C++ threads could still be running while
+    static destructors ran, and a rank whose work was finished and written aborted
+    ("terminate called without an active exception", SIGABRT), failing the whole job."""
+    if not dist.launched_by_torchrun():
+        return code
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -20,7 +20,8 @@ from carvana.data.sampling import EpochSampler
 from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
 from carvana.pipeline.plans import PlanError, parse_threshold
-from carvana.pipeline.runs import resume_hint
+from carvana.pipeline.roles import recorded
+from carvana.pipeline.runs import is_trial, resume_hint
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint, \
@@ -170,7 +171,8 @@ def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[l
     train_set = data.make_set(train_images, train_masks, data_hw, augment, False)
     valid_loader = make_valid_loader(data.make_set(valid_images, valid_masks, data_hw, None, True), hp, pin,
                                      data.collate) if valid_images else None
-    callbacks = [ModelSaverCallback(models_dir, vars(hp), resume_hint=resume_hint(run)), ConsoleLogger(),
+    hint = resume_hint(run, trial_of=hp.study if is_trial(run) else "")
+    callbacks = [ModelSaverCallback(models_dir, recorded(vars(hp)), resume_hint=hint), ConsoleLogger(),
                  CSVLogger(log_dir, *([] if data.classes == 1 else [MULTICLASS_COLUMNS])),
                  PreviewLogger(log_dir, classifier.threshold, grid_fn=preview_grid(data)), *extra]
     loader = (make_train_loader(train_set, hp, pin, data.collate) if pseudo is None

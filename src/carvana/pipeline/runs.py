@@ -24,21 +24,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from carvana.models.registry import parse_size
+from carvana.pipeline.roles import RUN_DEFINING, read_back
 from carvana.pipeline.settings import flag_of
 
 MODELS_DIR = Path("output/models")
 LOGS_DIR = Path("logs")
-
-# What a run is: resuming it with another value of these would continue a different run
-# (another split, another network, an optimiser state that does not fit). An explicit flag
-# that contradicts the record is refused; every other setting may change between sessions.
-RUN_DEFINING = ("dataset", "classes", "class_names", "arch", "encoder", "width", "input_size", "folds", "seed",
-                "validation_size", "sample_size", "hq", "optimizer", "scheduler")
-# Asked of this invocation only, never taken from the record.
-THIS_INVOCATION = ("resume", "train", "run_name", "checkpoint", "submit", "message", "fold", "ensemble", "ensemble_weights",
-                   "predict", "tune", "study", "tune_storage", "tune_space", "tune_pruner", "tune_timeout",
-                   "tune_heartbeat")
-
 
 def set_workspace(base: Path) -> None:
     """Put every run's folders under ``base`` (a Kaggle Notebook's working folder) instead of
@@ -51,25 +41,49 @@ class RunError(ValueError):
     """A run that cannot be resumed or predicted from as asked, named in the message."""
 
 
+MAX_NAME = 100
+
+
+def check_name(flag: str, name: str) -> str:
+    """``name`` if it is one plain folder name (letters and digits of any script, '-', '_', '.',
+    not starting with '.', at most MAX_NAME characters), else RunError: a run or study name
+    becomes a folder that a fresh start removes, so it can never be '..', a path or absolute."""
+    plain = all(c.isalnum() or c in "-_." for c in name)
+    if not name or name.startswith(".") or len(name) > MAX_NAME or not plain:
+        raise RunError(f"{flag} {name!r}: expected one plain folder name (letters, digits, '-', '_' or '.', not "
+                       f"starting with '.', at most {MAX_NAME} characters)")
+    return name
+
+
 def models_dir(run: str) -> Path:
-    return MODELS_DIR / run
+    return MODELS_DIR / check_name("--run-name", run)
 
 
 def logs_dir(run: str) -> Path:
-    return LOGS_DIR / run
+    return LOGS_DIR / check_name("--run-name", run)
+
+
+def is_trial(run: str) -> bool:
+    """Whether ``run`` is a tuning trial (its record says so): never resumed as a run."""
+    try:
+        return bool(json.loads((LOGS_DIR / run / "hparams.json").read_text()).get("trial_of"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resumable_runs() -> list[str]:
-    """Names of runs with a ``last.pt`` (a fold's counts), oldest first."""
+    """Names of runs with a ``last.pt`` (a fold's counts), oldest first; tuning trials are not
+    runs to resume (the study continues them)."""
     found = [*MODELS_DIR.glob("*/last.pt"), *MODELS_DIR.glob("*/fold*/last.pt")]
     names = [p.relative_to(MODELS_DIR).parts[0] for p in sorted(found, key=lambda p: p.stat().st_mtime)]
-    return list(dict.fromkeys(reversed(names)))[::-1]
+    return [name for name in list(dict.fromkeys(reversed(names)))[::-1] if not is_trial(name)]
 
 
 def resolve_run(hp: SimpleNamespace) -> str:
-    """The run name: --run-name, else (with --resume) the latest resumable run, else a timestamp."""
+    """The run name: --run-name (one plain folder name), else (with --resume) the latest
+    resumable run, else a timestamp."""
     if hp.run_name:
-        return hp.run_name
+        return check_name("--run-name", hp.run_name)
     if hp.resume and hp.train:
         runs = resumable_runs()
         if not runs:
@@ -117,7 +131,7 @@ def adopt_recorded_settings(hp: SimpleNamespace, run: str, given: dict[str, str]
                            f"started with {flag_of(name)} {record[name]} ({logs_dir(run)}/hparams.json); drop "
                            f"{flag_of(name)} to continue the run as it was, or start a new --run-name")
     for name, value in record.items():
-        if hasattr(hp, name) and name not in given and name not in THIS_INVOCATION:
+        if hasattr(hp, name) and name not in given and read_back(name, training=hp.train):
             if isinstance(getattr(hp, name), bool) == isinstance(value, bool):  # a foreign type is not adopted
                 setattr(hp, name, value)
     return record
@@ -151,12 +165,29 @@ def start_afresh(run: str, folds: list[int] | None = None) -> bool:
         now = {f"fold{f}" for f in folds}
         if not [p for p in models_dir(run).glob("fold*") if p.name not in now]:
             stale.append(logs_dir(run) / "folds.csv")
-    stale = [p for p in stale if p.exists()]
+    stale = [p for p in stale if p.exists() or p.is_symlink()]
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_run_path(path)
     return bool(stale)
 
 
-def resume_hint(run: str) -> str:
-    """The command that continues this run (its settings come from its record)."""
+def remove_run_path(path: Path) -> None:
+    """Remove a run's file or folder, only after checking that it lies inside the run folders
+    (output/models/<run>, logs/<run>): a last guard, whatever name led here."""
+    bases = [MODELS_DIR.resolve(), LOGS_DIR.resolve()]
+    where = Path(path).parent.resolve() / Path(path).name  # a link is removed, never followed
+    inside = [base for base in bases if base in where.parents and where.relative_to(base).parts[0] not in ("..", ".")]
+    if not inside:
+        raise RunError(f"{path}: refusing to remove a path outside {MODELS_DIR} and {LOGS_DIR}")
+    if where.is_dir() and not where.is_symlink():
+        shutil.rmtree(where)
+    else:
+        where.unlink()
+
+
+def resume_hint(run: str, trial_of: str = "") -> str:
+    """The command that continues this run (its settings come from its record); a tuning
+    trial is continued by its study."""
+    if trial_of:
+        return f"rerun the same --tune command: study {trial_of} runs this trial again"
     return f"python main.py --resume --run-name {run}"

@@ -23,7 +23,9 @@ from carvana.data.mask_table import MaskTableError
 from carvana.data.notebook import kaggle_working_dir
 from carvana.models.registry import ModelConfigError
 from carvana.models.smp_nets import EncoderWeightsError
+from carvana.data.secrets import redact
 from carvana.pipeline.plans import FOLDS, SINGLE, PlanError, parse_fold
+from carvana.pipeline.roles import recorded
 from carvana.pipeline.runs import RunError, adopt_recorded_settings, continues_run, logs_dir, models_dir, resolve_run, \
     set_workspace, start_afresh
 from carvana.pipeline.settings import Command, RecipeError
@@ -105,13 +107,9 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     main = dist.is_main_process()
-    base = workspace()
-    if base is not None:  # the same on every rank: a pure function of the environment and cwd
-        set_workspace(base)
-        hp.output = str(base / hp.output) if not Path(hp.output).is_absolute() else hp.output
-        if main:
-            print(f"outputs: under {base} (a Kaggle Notebook's working folder: its Output tab shows them)")
-    run, record = dist.broadcast_object(_settle_run(hp, command.given, decide) if main else None)
+    if move_to_workspace(hp) and main:
+        print(f"outputs and data: under {workspace()} (a Kaggle Notebook's working folder: its Output tab shows them)")
+    run, record = _settled_on_every_rank(hp, command.given, decide, main)
     if not main:  # every rank runs with rank 0's settings (the record it read)
         for name, value in record.get("settings", {}).items():
             setattr(hp, name, value)
@@ -121,9 +119,33 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
         session.log_dir.mkdir(parents=True, exist_ok=True)
         precision = choose_precision(torch.device(device), hp.amp)  # the classifiers' own choice, said once
         print(precision.describe())
-        write_json(session.record_name("hparams"), {**vars(hp), "precision": precision.name,
-                                                     **({"recipe": command.recipe} if command.recipe else {})})
+        write_json(session.record_name("hparams"), settings_record(command, precision.name))
     return session
+
+
+def settings_record(command: Command, precision: str) -> dict[str, Any]:
+    """What hparams.json holds: the final settings (secrets redacted), the precision, the recipe
+    (its text redacted) and, for a tuning trial, its study."""
+    record: dict[str, Any] = {**recorded(vars(command.hp)), "precision": precision}
+    if command.recipe:
+        record["recipe"] = {key: redact(text) for key, text in command.recipe.items()}
+    if command.trial_of:
+        record["trial_of"] = command.trial_of
+    return record
+
+
+def move_to_workspace(hp: SimpleNamespace) -> bool:
+    """In a Kaggle Notebook run from outside its working folder (a read-only code dataset),
+    put output/, logs/, --output and a relative --data-root under the working folder; the
+    same on every rank (a pure function of the environment and cwd). Returns whether it moved."""
+    base = workspace()
+    if base is None:
+        return False
+    set_workspace(base)
+    for name in ("output", "data_root"):
+        if not Path(getattr(hp, name)).is_absolute():
+            setattr(hp, name, str(base / getattr(hp, name)))
+    return True
 
 
 def workspace() -> Path | None:
@@ -134,6 +156,23 @@ def workspace() -> Path | None:
         return None
     here, working = Path.cwd().resolve(), working.resolve()
     return None if here == working or working in here.parents else working
+
+
+def _settled_on_every_rank(hp: SimpleNamespace, given: dict[str, str], decide: Callable,
+                           main: bool) -> tuple[str, dict[str, Any]]:
+    """Rank 0 settles the run; every rank gets its outcome, a refusal included, so under torchrun
+    a refused (e.g. sampled) setting fails every rank in step instead of desynchronising them."""
+    outcome: Any = None
+    if main:
+        try:
+            outcome = ("settled", _settle_run(hp, given, decide))
+        except USER_ERRORS as exc:
+            dist.broadcast_object(("refused", user_message(exc)))
+            raise
+    what, outcome = dist.broadcast_object(outcome)
+    if what == "refused":
+        raise PlanError(outcome)
+    return outcome
 
 
 def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) -> tuple[str, dict[str, Any]]:

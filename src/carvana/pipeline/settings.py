@@ -29,6 +29,7 @@ class Command:
     hp: SimpleNamespace  # every setting, lower_case (hp.batch_size)
     given: dict[str, str] = field(default_factory=dict)  # setting -> where it was given: "command line" or the recipe
     recipe: dict[str, str] | None = None  # {"file": path, "contents": text} of --config
+    trial_of: str = ""  # the study, when this command is one of its trials
 
 
 def settings_from(namespace: dict[str, Any]) -> dict[str, Any]:

@@ -25,16 +25,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from carvana.data.secrets import redact
 from carvana.pipeline import decide, run_command
 from carvana.pipeline.plans import BINARY, FOLDS, MULTICLASS, SINGLE, choose_plan, choose_task
-from carvana.pipeline.runs import THIS_INVOCATION, logs_dir, set_workspace
-from carvana.pipeline.session import USER_ERRORS, user_message, workspace
+from carvana.pipeline.roles import INVOCATION, TUNABLE, identity, recorded, role
+from carvana.pipeline.runs import check_name, logs_dir
+from carvana.pipeline.session import USER_ERRORS, move_to_workspace, user_message
 from carvana.pipeline.settings import Command, flag_of
 from carvana.training import distributed as dist
-from carvana.tuning import (PRUNERS, Param, SpaceError, StorageError, TrialReporter, finished_count, make_pruner, open_storage,
-                            redact, storage_url, study_space, write_best_recipe, write_plots, write_trials_csv)
+from carvana.tuning import (PRUNERS, Param, SpaceError, StorageError, TrialReporter, finished_count, storage_url, study_space, write_best_recipe, write_plots, write_trials_csv)
+from carvana.tuning.report import SETTINGS_ATTR
+from carvana.pipeline.study import TuneError, dashboard_command, open_study, unused_by_network
 
 # The figure each task and plan is tuned on: (its key in the run's summary.json, its name).
 OBJECTIVES = {(BINARY, SINGLE): ("best_valid_dice", "best valid Dice"),
@@ -44,10 +48,6 @@ MAX_FAILURES_IN_A_ROW = 3  # then the worker stops: the settings, not the draw, 
 # Trials that hold a place among the N: finished or running. (A trial queued again after its
 # worker died is WAITING: it holds no place until a worker takes it, as its own next trial.)
 HOLDING_A_PLACE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-
-
-class TuneError(ValueError):
-    """A study that cannot run as asked, in one line."""
 
 
 TUNE_ERRORS = (TuneError, SpaceError, StorageError)  # printed as one line, like the run's own USER_ERRORS
@@ -75,8 +75,8 @@ def check_tune(hp: SimpleNamespace, given: dict[str, str], task: str, plan: str)
         raise TuneError(f"--tune-pruner {hp.tune_pruner!r}: expected one of {', '.join(PRUNERS)}")
     if hp.tune_timeout < 0 or hp.tune_heartbeat < 1:
         raise TuneError("--tune-timeout must be >= 0 minutes and --tune-heartbeat >= 1 second")
-    if not all(c.isalnum() or c in "-_." for c in hp.study) or not hp.study:
-        raise TuneError(f"--study {hp.study!r}: use letters, digits, '-', '_' or '.'")
+    check_name("--study", hp.study)
+    check_name("--study", f"{hp.study}-t000")  # trials' run names: still one plain folder name
     return OBJECTIVES[(task, plan)]
 
 
@@ -84,13 +84,11 @@ def run_study(command: Command, defaults: dict[str, Any]) -> int:
     """Run trials of the study until it holds ``--tune`` finished trials; returns the exit code."""
     hp, given = command.hp, command.given
     dist.init(hp.device, timeout_s=hp.dist_timeout)  # followers wait on rank 0 from the start
-    base = workspace()
-    if base is not None:
-        set_workspace(base)
+    move_to_workspace(hp)
     hp.predict = False  # what a trial is: decided and checked like any --no-predict run
     task, plan = choose_task(hp), choose_plan(hp)
     objective = check_tune(hp, given, task, plan)
-    space = study_space(hp.tune_space, task, defaults, given)
+    space = study_space(hp.tune_space, task, defaults, given, TUNABLE, unused_by_network(hp, given))
     if not dist.is_main_process():
         follow_trials(command)
         return 0
@@ -107,18 +105,18 @@ def lead_study(command: Command, space: tuple[Param, ...], objective: tuple[str,
     study_dir = logs_dir(hp.study)
     study_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(hp.tune_storage, study_dir)
-    study = open_study(hp, url, space, objective[1])
-    fixed = {k: getattr(hp, k) for k in given if k not in THIS_INVOCATION}
+    study = open_study(hp, url, space, objective[1], identity(hp, given))
+    fixed = recorded({k: getattr(hp, k) for k in given if role(k).kind != INVOCATION})
     print(f"study {hp.study} in {redact(url)}: maximising the {objective[1]} of {hp.tune} trials "
           f"(now {finished_count(study)} finished)\n  searching: {'; '.join(p.describe() for p in space)}\n"
           f"  fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing (every default is searched)'}\n"
-          f"  live view:  optuna-dashboard {dashboard_target(url)}")
+          f"  live view:  {dashboard_command(url)}")
     loop = StudyLoop(command, study, space, objective, fixed, study_dir)
     try:
         loop.wait_for_room()
         if finished_count(study) < hp.tune:
             study.optimize(loop.objective, callbacks=[loop.after_trial], timeout=hp.tune_timeout * 60 or None,
-                           catch=(SurplusTrial, TrialFailed, *USER_ERRORS), gc_after_trial=True)
+                           catch=(SurplusTrial, TrialFailed), gc_after_trial=True)
     except KeyboardInterrupt:
         loop.report(plots=False)
         print(f"\ninterrupted: the running trial is recorded as failed; rerun the same command to continue study "
@@ -135,35 +133,14 @@ class TrialFailed(Exception):
     """A trial that ran but left no objective figure."""
 
 
-def dashboard_target(url: str) -> str:
-    """What ``optuna-dashboard`` takes for this storage (a journal file by its path; no password)."""
-    return url[len("journal:"):] if url.startswith("journal:") else redact(url)
-
-
-def open_study(hp: SimpleNamespace, url: str, space: tuple[Param, ...], objective: str) -> optuna.Study:
-    """Create or load the study; a study searching another space or objective is refused."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
-    sampler = optuna.samplers.TPESampler(seed=hp.seed)
-    max_steps = hp.epochs * max(hp.folds, 1)
-    study = optuna.create_study(storage=open_storage(url, hp.tune_heartbeat), sampler=sampler,
-                                pruner=make_pruner(hp.tune_pruner, max_steps), study_name=hp.study,
-                                direction="maximize", load_if_exists=True)
-    signature = {"objective": objective, "space": sorted(p.describe() for p in space)}
-    recorded = study.user_attrs.get("signature")
-    if recorded is None:
-        study.set_user_attr("signature", signature)
-    elif recorded != signature:
-        raise TuneError(f"study {hp.study} in {redact(url)} searches {'; '.join(recorded['space'])} for the "
-                        f"{recorded['objective']}; this command asks for another search: use another --study")
-    return study
-
-
 def trial_command(command: Command, number: int, params: dict[str, Any]) -> Command:
     """The run a trial is: the study's settings, the drawn ones, no prediction, its own name."""
     hp = SimpleNamespace(**{**vars(command.hp), **params})
     hp.tune, hp.predict, hp.resume, hp.submit = 0, False, False, False
+    hp.keep_last = False  # a trial is never resumed (its study runs a failed one again): best.pt only
+    hp.tune_storage = redact(hp.tune_storage)  # a trial never opens the storage
     hp.run_name = f"{command.hp.study}-t{number:03d}"
-    return Command(hp, {**command.given, **{k: "the tuner" for k in params}}, command.recipe)
+    return Command(hp, {**command.given, **{k: "the tuner" for k in params}}, command.recipe, trial_of=command.hp.study)
 
 
 def run_trial(command: Command, number: int, params: dict[str, Any], reporter: TrialReporter) -> dict[str, Any]:
@@ -181,7 +158,9 @@ def follow_trials(command: Command) -> None:
         try:
             run_trial(command, number, params, TrialReporter(None))
         except (optuna.TrialPruned, *USER_ERRORS):
-            pass  # rank 0 met the same end and records it
+            pass  # rank 0 met the same end (refusals are broadcast, a peer's failure is a PeerFailure) and records it
+        except Exception as exc:  # noqa: BLE001  this rank's own failure: said once, the study goes on
+            print(f"rank {dist.rank()}: trial {number} failed: {user_message(exc)}", file=sys.stderr)
 
 
 class StudyLoop:
@@ -203,6 +182,7 @@ class StudyLoop:
         params = {p.name: p.suggest(trial) for p in self.space}
         run = f"{self.command.hp.study}-t{trial.number:03d}"
         trial.set_user_attr("run", run)
+        trial.set_user_attr(SETTINGS_ATTR, json.loads(json.dumps(self.fixed, default=str)))  # best.toml's source
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (trials.csv)
         print(f"\n##### trial {trial.number} ({run}): " + ", ".join(f"{k}={v}" for k, v in params.items()))
         dist.broadcast_object((trial.number, params))
@@ -210,13 +190,22 @@ class StudyLoop:
             summary = run_trial(self.command, trial.number, params, TrialReporter(trial))
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
-        except Exception as exc:  # recorded on the trial, for trials.csv and the console
-            trial.set_user_attr("error", user_message(exc)[:500])
-            raise
+        except Exception as exc:  # noqa: BLE001  any failure fails this trial, in one line; the study goes on
+            raise self.failed(trial, exc) from None
         value = summary.get(self.key)
         if value is None:
-            raise TrialFailed(f"run {run} left no {self.name} in its summary")
+            raise self.failed(trial, TrialFailed(f"run {run} left no {self.name} in its summary"))
         return float(value)
+
+    def failed(self, trial: optuna.Trial, exc: BaseException) -> "TrialFailed":
+        """The trial's failure as one line (recorded for trials.csv and printed); a CUDA
+        out-of-memory also gives the cached memory back for the next trial."""
+        kind = "" if isinstance(exc, (*USER_ERRORS, TrialFailed)) else f"{type(exc).__name__}: "
+        message = redact(kind + user_message(exc))[:500]
+        trial.set_user_attr("error", message)  # printed by print_standing, kept in trials.csv
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            torch.cuda.empty_cache()
+        return TrialFailed(message)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Count failures, say where the study stands, refresh trials.csv and best.toml, and stop
@@ -256,13 +245,14 @@ class StudyLoop:
             best = f"best so far: trial {self.study.best_trial.number}, {self.study.best_value:.5f}"
         except ValueError:
             best = "no completed trial yet"
-        print(f"##### trial {trial.number} {what}: {self.name} {value}; {best} "
+        why = f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""
+        print(f"##### trial {trial.number} {what}{why}: {self.name} {value}; {best} "
               f"({finished_count(self.study)}/{self.target} finished)")
 
     def report(self, plots: bool) -> None:
         """trials.csv and best.toml (after every trial), and the plots (at the end)."""
         write_trials_csv(self.study, self.study_dir / "trials.csv")
-        written = write_best_recipe(self.study, self.fixed, self.name, self.study_dir / "best.toml")
+        written = write_best_recipe(self.study, self.name, self.study_dir / "best.toml")
         if not plots:
             return
         skipped = write_plots(self.study, self.study_dir)
@@ -272,6 +262,6 @@ class StudyLoop:
         if written:
             print(f"best: trial {self.study.best_trial.number}, {self.name} {self.study.best_value:.5f}; "
                   f"rerun it with:  python main.py --config {self.study_dir / 'best.toml'}")
-        print(f"live view:  optuna-dashboard {dashboard_target(url)}")
+        print(f"live view:  {dashboard_command(url)}")
 
 

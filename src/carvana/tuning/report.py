@@ -4,7 +4,6 @@ trial's settings as a recipe that ``python main.py --config`` runs again."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from carvana.data.files import write_text_atomic
+from carvana.data.files import atomic_path, write_text_atomic
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards --tune N
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
@@ -27,6 +26,7 @@ def write_trials_csv(study: optuna.Study, path: Path) -> int:
     """One row per trial: number, state, value, start, duration, its run and parameters."""
     table = study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "duration", "params",
                                           "user_attrs"))
+    table = table.drop(columns=[c for c in table.columns if c == f"user_attrs_{SETTINGS_ATTR}"])
     if "duration" in table:
         table.insert(3, "seconds", table.pop("duration").dt.total_seconds().round(1))
     write_text_atomic(path, table.to_csv(index=False))
@@ -51,9 +51,8 @@ def write_plots(study: optuna.Study, folder: Path) -> list[str]:
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
             figure.set_size_inches(10, 6)
             figure.tight_layout()
-            tmp = folder / f".{name}.{os.getpid()}.png"
-            figure.savefig(tmp, dpi=80)
-            os.replace(tmp, folder / f"{name}.png")
+            with atomic_path(folder / f"{name}.png") as tmp:
+                figure.savefig(tmp, dpi=80, format="png")
         except Exception:  # e.g. importances need two completed trials with different values
             skipped.append(name)
         finally:
@@ -72,17 +71,22 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string is a JSON string for these values
 
 
-def write_best_recipe(study: optuna.Study, fixed: dict[str, Any], objective: str, path: Path) -> bool:
-    """best.toml: the fixed settings of the study and the best trial's sampled ones. False
-    when no trial has completed yet."""
+SETTINGS_ATTR = "settings"  # a trial's user attribute: the fixed settings it ran with (secrets redacted)
+
+
+def write_best_recipe(study: optuna.Study, objective: str, path: Path) -> bool:
+    """best.toml: the best trial's own recorded fixed settings and its sampled ones, so the
+    recipe is what that trial ran, whichever worker writes it. False when no trial has
+    completed yet."""
     try:
         best = study.best_trial
     except ValueError:
         return False
+    fixed = best.user_attrs.get(SETTINGS_ATTR, {})
     lines = [f"# Study {study.study_name!r}: trial {best.number}, {objective} {best.value:.5f}",
              f"# (run {best.user_attrs.get('run', '?')}). Run it again: python main.py --config {path}",
              "# Fixed for the study:"]
-    lines += [f"{name} = {toml_value(value)}" for name, value in fixed.items()]
+    lines += [f"{name} = {toml_value(value)}" for name, value in fixed.items() if name not in best.params]
     lines += ["# Sampled:"] + [f"{name} = {toml_value(value)}" for name, value in best.params.items()]
     write_text_atomic(path, "\n".join(lines) + "\n")
     return True

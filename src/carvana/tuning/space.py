@@ -8,8 +8,9 @@ list of choices or a range table::
     optimizer = ["adamw", "adam"]                 # a choice
     augment = [true, false]
 
-Every key and value is checked against main.py's defaults (name and type) before any trial
-runs; a mistake is one ``SpaceError`` line naming the file and the key.
+Every key and value is checked against main.py's defaults (name and type) and against the
+settings a study may sample (``tunable``, from the pipeline's table of setting roles) before
+any trial runs; a mistake is one ``SpaceError`` line naming the file and the key.
 """
 
 from __future__ import annotations
@@ -17,14 +18,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-# What a run *is* or where it writes, rather than how it learns: never sampled.
-NOT_TUNABLE = ("tune", "study", "tune_storage", "tune_space", "tune_pruner", "tune_timeout", "tune_heartbeat",
-               "run_name", "resume", "train", "predict", "checkpoint", "output", "submit", "message", "device",
-               "data_dir", "data_root", "dataset", "classes", "class_names", "test_dir", "ensemble",
-               "ensemble_weights", "fold", "folds", "keep_last", "workers", "eval_streams", "dist_timeout", "seed")
-
+from typing import Any, Collection
 
 class SpaceError(ValueError):
     """A search space that cannot be used, with the file and key named."""
@@ -79,8 +73,9 @@ DEFAULT_SPACES = {
 }
 
 
-def read_space(path: Path, defaults: dict[str, Any]) -> tuple[Param, ...]:
-    """The space in a TOML file, checked against main.py's ``defaults`` (UPPER_CASE names)."""
+def read_space(path: Path, defaults: dict[str, Any], tunable: Collection[str]) -> tuple[Param, ...]:
+    """The space in a TOML file, checked against main.py's ``defaults`` (UPPER_CASE names) and
+    the settings that may be sampled (``tunable``, lower_case)."""
     try:
         table = tomllib.loads(Path(path).read_text())
     except OSError as exc:
@@ -89,16 +84,16 @@ def read_space(path: Path, defaults: dict[str, Any]) -> tuple[Param, ...]:
         raise SpaceError(f"{path}: not valid TOML ({exc})") from None
     if not table:
         raise SpaceError(f"{path}: the search space is empty")
-    return tuple(_param(path, key, value, defaults) for key, value in table.items())
+    return tuple(_param(path, key, value, defaults, tunable) for key, value in table.items())
 
 
-def _param(path: Path, key: str, value: Any, defaults: dict[str, Any]) -> Param:
+def _param(path: Path, key: str, value: Any, defaults: dict[str, Any], tunable: Collection[str]) -> Param:
     name = key.lower().replace("-", "_")
     if name.upper() not in defaults:
         raise SpaceError(f"{path}: unknown setting {key!r} (keys are main.py's setting names, e.g. 'lr')")
-    if name in NOT_TUNABLE:
-        raise SpaceError(f"{path}: {key!r} cannot be searched (it says what the run is or where it writes); "
-                         "give it on the command line")
+    if name not in tunable:
+        raise SpaceError(f"{path}: {key!r} cannot be searched (it says what the run is, where it runs or writes, "
+                         "or does not change what a trial trains); give it on the command line")
     default = defaults[name.upper()]
     kind = type(default)
 
@@ -136,11 +131,17 @@ def _range_param(path: Path, key: str, name: str, value: dict, kind: type, fits)
     return Param(name, kind(low), kind(high), log=log, step=step, integer=kind is int)
 
 
-def study_space(space_file: str, task: str, defaults: dict[str, Any], given: dict[str, str]) -> tuple[Param, ...]:
+def study_space(space_file: str, task: str, defaults: dict[str, Any], given: dict[str, str],
+                tunable: Collection[str], unused: Collection[str] = ()) -> tuple[Param, ...]:
     """The space a study samples: the file's (else the task's default), less every setting
-    given explicitly (command line or --config), which stays fixed for the study."""
-    space = read_space(Path(space_file), defaults) if space_file else DEFAULT_SPACES[task]
-    left = tuple(p for p in space if p.name not in given)
+    given explicitly (command line or --config), which stays fixed for the study, and less
+    the ``unused`` settings that this study's network ignores (a file naming one is refused)."""
+    space = read_space(Path(space_file), defaults, tunable) if space_file else DEFAULT_SPACES[task]
+    for p in space:
+        if p.name in unused and space_file:
+            raise SpaceError(f"{space_file}: {p.name!r} does not change what these trials train (--arch ignores "
+                             "it); drop it from the space")
+    left = tuple(p for p in space if p.name not in given and p.name not in unused)
     if not left:
         raise SpaceError(f"{space_file or 'the default space'}: every setting in it is given explicitly, "
                          "so nothing is left to search")

@@ -27,6 +27,8 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the interface Optuna's o
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from carvana.data.secrets import redact
+
 MAX_RETRY = 2  # a trial whose worker died is re-run at most this many times
 HEARTBEAT_KEY = "carvana:heartbeat"
 # What a worker sees when another one creates the same new study database at the same moment
@@ -36,11 +38,6 @@ RACES = ("duplicate key", "already exists", "UNIQUE constraint failed", "databas
 
 class StorageError(ValueError):
     """A storage that cannot be opened, named (password hidden) with the reason."""
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``: what may be printed or logged."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def storage_url(setting: str, study_dir: Path) -> str:
