@@ -19,14 +19,20 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+import carvana.data.pseudo as pseudo_data
+from carvana.data.datasets import fit_to_input
 from carvana.data.demo_data import write_demo_dataset
-from carvana.data.pseudo import MixedBatchSampler, PseudoLabeledDataset, select_confident, write_label
+from carvana.data.pseudo import (MixedBatchSampler, PseudoLabeledDataset, image_key, keyed, label_path,
+                                 remove_stale_temporaries, select_confident, write_label)
 from carvana.pipeline.fit import TaskData
 from carvana.pipeline.plans import PlanError
 from carvana.pipeline.pseudo import unlabeled_images
+from carvana.submission.pseudo_labels import LabelWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -49,7 +55,7 @@ def test_labels_stream_from_disk_in_bounded_memory(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     for i, image in enumerate(images):
-        write_label(store, image, np.full((64, 128), i / 60, np.float32))
+        write_label(store, image_key(image), np.full((64, 128), i / 60, np.float32))
     dataset = PseudoLabeledDataset(images, store, (64, 128))
     assert not any(isinstance(v, np.ndarray) for v in vars(dataset).values())  # paths only, no label arrays
     tracemalloc.start()
@@ -70,10 +76,10 @@ def test_confidence_selection_counts(tmp_path):
     for k, image in enumerate(images):  # k tenths of the pixels uncertain (p = 0.5), the rest sure (p = 1)
         label = np.ones((10, 10), np.float32)
         label.reshape(-1)[:k * 10] = 0.5
-        write_label(tmp_path, image, label)
-    kept, rows = select_confident(tmp_path, images, max_uncertain=0.2)
+        write_label(tmp_path, image_key(image), label)
+    kept, rows = select_confident(tmp_path, keyed(images), max_uncertain=0.2)
     assert [r["uncertain"] for r in rows] == [0.0, 0.1, 0.2, 0.3, 0.4]
-    assert kept == images[:3] and [r["kept"] for r in rows] == [True, True, True, False, False]
+    assert [k.path for k in kept] == images[:3] and [r["kept"] for r in rows] == [True, True, True, False, False]
 
 
 def test_each_batch_mixes_the_set_share_and_an_epoch_is_one_pass_over_the_labeled_images():
@@ -89,13 +95,50 @@ def test_each_batch_mixes_the_set_share_and_an_epoch_is_one_pass_over_the_labele
     assert all(sum(i >= 10 for _, i in b) == 2 for b in half)  # 3 pseudo images are reused, not run out
 
 
+def test_a_pseudo_labeled_batch_needs_a_labeled_item_beside_it():
+    with pytest.raises(ValueError, match="batch size 1"):
+        MixedBatchSampler(n_labeled=8, n_pseudo=8, batch_size=1, share=0.5, seed=0)
+
+
+def test_native_labels_are_padded_like_their_image_not_stretched(tmp_path):
+    # Fails on the old code: the 1918-wide map was interpolated to 1920 columns.
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((1, 1280, 1918), dtype=np.float32))
+    writer = LabelWriter(tmp_path, keyed(make_jpegs(tmp_path / "img", 1)), (1280, 1920))
+    key = next(iter(writer.paths))
+    writer.on_predict_batch_end(None, [key], probs)
+    stored = np.asarray(Image.open(label_path(tmp_path, key)))
+    quantized = np.clip(np.rint(probs[0].numpy() * 255.0), 0, 255).astype(np.uint8)
+    assert stored.shape == (1280, 1920)
+    assert np.array_equal(stored, fit_to_input(quantized, (1280, 1920)))  # the image's own padding
+    assert np.array_equal(stored[:, :1918], quantized)
+
+
+def test_labels_use_the_shared_atomic_writer(tmp_path, monkeypatch):
+    # Fails on the old code: write_label had its own temp-then-rename (and temp names), so the
+    # shared writer's ".<name>.<pid>-<thread>.tmp" leftovers were never cleaned up.
+    used = []
+    real = pseudo_data.atomic_path
+    monkeypatch.setattr(pseudo_data, "atomic_path", lambda path, *a, **k: used.append(path) or real(path, *a, **k))
+    image = keyed(make_jpegs(tmp_path / "img", 1))[0]
+    pseudo_data.write_label(tmp_path / "store", image.key, np.full((8, 8), 0.5, np.float32))
+    assert used == [label_path(tmp_path / "store", image.key)]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "store" / f".{image.key}.png.{int(dead.stdout)}-140000.tmp"
+    live = tmp_path / "store" / f".{image.key}.png.{os.getpid()}-140000.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    remove_stale_temporaries(tmp_path / "store")
+    assert not stale.exists() and live.exists()
+
+
 def test_no_labeled_image_is_ever_pseudo_labeled(tmp_path):
     train = make_jpegs(tmp_path / "train", 6)
     test = make_jpegs(tmp_path / "test", 2)
     test = [p.rename(p.with_name(f"t{p.name}")) for p in test]
     data = TaskData("x", train[:4], [], train[4:], [], test, make_set=None)
     # The train folder itself as "unlabeled" photos: none of its labeled images come back.
-    assert unlabeled_images(f"test,{tmp_path / 'train'}", data) == sorted(test)
+    assert [i.path for i in unlabeled_images(f"test,{tmp_path / 'train'}", data)] == sorted(test)
     with pytest.raises(PlanError, match="no unlabeled images"):
         unlabeled_images(str(tmp_path / "train"), data)
     with pytest.raises(PlanError, match="folder of JPEG photos"):
@@ -129,9 +172,11 @@ def test_a_distilled_student_trains_on_folds_and_loads_in_segment_and_export(tea
     result = run(cwd, args)
     assert result.returncode == 0, result.stderr[-3000:]
     (store,) = (cwd / "output" / "pseudo").iterdir()
+    labels = pd.read_csv(store / "labels.csv")
     labeled = {p.stem for p in (demo / "train").glob("*.jpg")}
-    assert {p.stem for p in store.glob("*.png")} == {p.stem for p in (demo / "test").glob("*.jpg")}
-    assert not labeled & {p.stem for p in store.glob("*.png")}  # no train (so no validation) image, any fold
+    assert {Path(i).stem for i in labels["image"]} == {p.stem for p in (demo / "test").glob("*.jpg")}
+    assert {p.stem for p in store.glob("*.png")} == set(labels["key"])
+    assert not labeled & {Path(i).stem for i in labels["image"]}  # no train (so no validation) image, any fold
     assert f"kept {len(list(store.glob('*.png')))} of" in result.stdout
     student = cwd / "output" / "models" / "student" / "fold0" / "best.pt"
     seg = subprocess.run([sys.executable, "-m", "carvana.segment", "--checkpoint", str(student),

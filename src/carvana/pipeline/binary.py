@@ -7,6 +7,7 @@ its fold models, a checkpoint, or an ensemble) -> predict (streaming) -> validat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,10 @@ def run_binary(session: Session, plan: str) -> int:
     session.timer("data")
     auto, threshold = parse_threshold(str(hp.threshold), hp.folds)
     info: dict[str, Any] = {"dataset_dir": str(data.folder)}
-    if plan in (SINGLE, FOLDS):
-        config, teacher = training_config(hp, 1, fresh=False), hp.teacher
-        for r in range(1, hp.pseudo_rounds):  # earlier students, each the next round's teacher
-            sub = round_session(session, r, parse_fold(hp.fold, hp.folds) if plan == FOLDS else None)
-            if not round_finished(sub):
-                train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {})
-                finish_round(sub, teacher)
-            teacher = str(sub.models_dir)
-        pseudo = pseudo_labels(session, data, config, teacher)
-        paths, threshold = train_plan(session, data, plan, threshold, auto, pseudo, info)
+    if plan in (SINGLE, FOLDS) and hp.train:
+        paths, threshold = train_students(session, data, plan, threshold, auto, info)
+    elif plan == FOLDS:  # --no-train: the run's fold models as they are (nothing labeled, scored or removed)
+        paths, threshold = fold_models(session, threshold, info)
     elif plan == PREDICT:
         paths = [Path(hp.checkpoint) if hp.checkpoint else session.models_dir / "best.pt"]
         if not hp.checkpoint and not paths[0].exists():
@@ -92,6 +87,41 @@ def run_binary(session: Session, plan: str) -> int:
     if not hp.predict:
         return finish_without_predicting(session, data, paths, threshold, info)
     return submit(session, data, paths, threshold, info)
+
+
+def train_students(session: Session, data: TaskData, plan: str, threshold: float, auto: bool,
+                   info: dict[str, Any]) -> tuple[list[Path], float]:
+    """Train the run (a single split or its folds): with --teacher, after --pseudo-rounds - 1
+    earlier students (each the next round's teacher), on batches mixing in pseudo-labels."""
+    hp = session.hp
+    config, teacher = training_config(hp, 1, fresh=False), hp.teacher
+    for r in range(1, hp.pseudo_rounds if teacher else 1):  # earlier students, each the next round's teacher
+        sub = round_session(session, r, parse_fold(hp.fold, hp.folds) if plan == FOLDS else None)
+        if not round_finished(sub):
+            train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {})
+            finish_round(sub, teacher)
+        teacher = str(sub.models_dir)
+    pseudo = pseudo_labels(session, data, config, teacher)
+    return train_plan(session, data, plan, threshold, auto, pseudo, info)
+
+
+def fold_models(session: Session, threshold: float, info: dict[str, Any]) -> tuple[list[Path], float]:
+    """--folds K --no-train: predict with the run's fold models and the threshold they record
+    (the one OOF chose), unless --threshold is given; reads the run, writes nothing to it."""
+    hp = session.hp
+    paths = [session.models_dir / f"fold{f}" / "best.pt" for f in parse_fold(hp.fold, hp.folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise PlanError(f"--no-train needs weights: fold model(s) missing: {', '.join(missing)}; train them "
+                        "(without --no-train)")
+    state = load_checkpoint(paths[0])
+    check_settings_match(model_config_of(state, paths[0]), {k: getattr(hp, k) for k in session.given}, paths[0])
+    if "threshold" not in session.given or str(hp.threshold).strip().lower() == "auto":
+        threshold = threshold_of(state)
+    summary = session.log_dir / "oof_summary.json"
+    if summary.is_file():
+        info["mean_oof_dice"] = json.loads(summary.read_text()).get("mean_oof_dice")
+    return paths, threshold
 
 
 def train_plan(session: Session, data: TaskData, plan: str, threshold: float, auto: bool, pseudo: Any,

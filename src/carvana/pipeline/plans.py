@@ -5,6 +5,7 @@ refuses, before any work, a combination the code does not support, naming the fl
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 from carvana.pipeline.settings import flag_of
@@ -60,15 +61,9 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
                           ("resume", "an ensemble trains nothing (its prediction resumes by itself)")):
             if getattr(hp, name) and name in given:
                 refuse(name, f"with --ensemble: {why}")
-    if hp.teacher and plan in (ENSEMBLE, PREDICT):
-        refuse("teacher", "its pseudo-labels train a student, and this run trains nothing")
-    if hp.pseudo_rounds < 1:
-        raise PlanError(f"--pseudo-rounds {hp.pseudo_rounds}: expected 1 (teacher -> student) or more")
-    for name in PSEUDO:
-        if name in given and not hp.teacher:
-            refuse(name, "it shapes the pseudo-labels of --teacher; add --teacher")
-    if not hp.predict and plan in (ENSEMBLE, PREDICT):
-        raise PlanError(f"--no-predict: nothing to do ({plan} only predicts); drop --no-predict")
+    if not hp.predict and (plan in (ENSEMBLE, PREDICT) or not hp.train):
+        what = plan if plan in (ENSEMBLE, PREDICT) else f"{plan} with --no-train"
+        raise PlanError(f"--no-predict: nothing to do ({what} only predicts); drop --no-predict")
     if hp.submit and not hp.predict:
         refuse("submit", "--no-predict writes no submission to upload")
     if hp.submit and hp.test_sample_size < 1.0:
@@ -85,6 +80,68 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
     parse_threshold(str(hp.threshold), hp.folds)
     if hp.folds:
         parse_fold(hp.fold, hp.folds)
+    check_student(task, plan, hp, given)
+
+
+def check_student(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str]) -> None:
+    """--teacher and the --pseudo-* settings, all checked here, before anything is removed or
+    fetched. Only a run that trains uses them: ``--no-train --run-name R`` on a student run
+    predicts with R's own models, whatever R's record says about its teacher."""
+    refuse = _refuser(given)
+    if hp.pseudo_rounds < 1:
+        raise PlanError(f"--pseudo-rounds {hp.pseudo_rounds}: expected 1 (teacher -> student) or more")
+    if task != BINARY:  # multi-class runs never read them (check_plan refused any given)
+        return
+    if not (hp.train and plan in (SINGLE, FOLDS)):
+        for name in ("teacher", *PSEUDO):
+            if name in given:
+                refuse(name, "it shapes how a student trains on a teacher's pseudo-labels, and this run trains nothing")
+        return
+    for name in PSEUDO:
+        if name in given and not hp.teacher:
+            refuse(name, "it shapes the pseudo-labels of --teacher; add --teacher")
+    if hp.pseudo_rounds > 1 and not hp.teacher:  # a main.py default too: round 1 would teach from nothing
+        raise PlanError(f"--pseudo-rounds {hp.pseudo_rounds}: each round's student is taught by the one before, "
+                        "starting from --teacher, and no --teacher is set; add --teacher or use --pseudo-rounds 1")
+    if not hp.teacher:
+        return
+    check_pseudo_settings(hp.pseudo_targets, hp.pseudo_share, hp.pseudo_max_uncertain)
+    if hp.batch_size < 2:
+        raise PlanError(f"--batch-size {hp.batch_size}: --teacher mixes pseudo-labeled images into every batch, "
+                        "beside at least one labeled image; use --batch-size 2 or more")
+    unlabeled_parts(hp.unlabeled)
+    teacher_paths(hp.teacher)
+
+
+def check_pseudo_settings(targets: str, share: float, max_uncertain: float) -> None:
+    if targets not in ("soft", "hard"):
+        raise PlanError(f"--pseudo-targets {targets!r}: expected soft or hard")
+    if not 0.0 < share < 1.0:
+        raise PlanError(f"--pseudo-share {share}: expected a share of each batch between 0 and 1")
+    if not 0.0 <= max_uncertain <= 1.0:
+        raise PlanError(f"--pseudo-max-uncertain {max_uncertain}: expected a fraction in [0, 1]")
+
+
+def unlabeled_parts(spec: str) -> list[str]:
+    """--unlabeled: 'test' and/or existing folders (of JPEG photos), in order."""
+    parts = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not parts:
+        raise PlanError(f"--unlabeled {spec!r}: expected 'test', a folder of JPEG photos, or test,FOLDER")
+    for part in parts:
+        if part != "test" and not Path(part).is_dir():
+            raise PlanError(f"--unlabeled {part!r}: expected 'test' or a folder of JPEG photos (no such folder)")
+    return parts
+
+
+def teacher_paths(spec: str) -> list[Path]:
+    """--teacher's checkpoints (files, or run folders' fold models / best.pt), each existing."""
+    from carvana.submission.ensemble import member_paths  # torch and the models: only where a teacher is
+    from carvana.training.checkpoint import CheckpointError
+
+    try:
+        return member_paths(spec)
+    except CheckpointError as exc:
+        raise PlanError(f"--teacher: {exc}") from None
 
 
 def _refuser(given: dict[str, str]):

@@ -152,6 +152,12 @@ def same_value(name: str, ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
+def starts_afresh(hp: SimpleNamespace) -> bool:
+    """Whether this command starts what it trains afresh (removing what an earlier run of the
+    same name left): it trains, and does not --resume."""
+    return bool(hp.train and not hp.resume)
+
+
 def start_afresh(run: str, folds: list[int] | None = None) -> bool:
     """Remove what an earlier run of this name left for what is trained now, so a fresh run
     never finds it: a single split's checkpoints; with ``folds``, those folds' checkpoints and

@@ -27,7 +27,7 @@ from carvana.data.secrets import redact
 from carvana.pipeline.plans import FOLDS, SINGLE, PlanError, parse_fold
 from carvana.pipeline.roles import recorded
 from carvana.pipeline.runs import RunError, adopt_recorded_settings, continues_run, logs_dir, models_dir, resolve_run, \
-    set_workspace, start_afresh
+    set_workspace, start_afresh, starts_afresh
 from carvana.pipeline.settings import Command, RecipeError
 from carvana.submission.gzip_stream import SubmissionWriteError
 from carvana.submission.validate import SubmissionError
@@ -182,7 +182,7 @@ def _settle_run(hp: SimpleNamespace, given: dict[str, str], decide: Callable) ->
         adopt_recorded_settings(hp, run, given)
     decided = decide(hp)  # refusals come before anything is removed or written
     folds = parse_fold(hp.fold, hp.folds) if decided[1] == FOLDS else None
-    if hp.train and not hp.resume and decided[1] in (SINGLE, FOLDS) and start_afresh(run, folds):
+    if starts_afresh(hp) and decided[1] in (SINGLE, FOLDS) and start_afresh(run, folds):
         print(f"run {run}: starting afresh under an existing name (the old checkpoints and scores of what trains "
               f"now were removed); --resume continues a run instead")
     return run, {"settings": vars(hp), "decided": decided}

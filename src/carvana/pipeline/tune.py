@@ -36,7 +36,7 @@ from carvana.pipeline.runs import check_name, logs_dir
 from carvana.pipeline.session import USER_ERRORS, move_to_workspace, user_message
 from carvana.pipeline.settings import Command, flag_of
 from carvana.training import distributed as dist
-from carvana.tuning import (PRUNERS, Param, SpaceError, StorageError, TrialReporter, finished_count, storage_url, study_space, write_best_recipe, write_plots, write_trials_csv)
+from carvana.tuning import (Param, make_pruner, SpaceError, StorageError, TrialReporter, finished_count, storage_url, study_space, write_best_recipe, write_plots, write_trials_csv)
 from carvana.tuning.report import SETTINGS_ATTR
 from carvana.pipeline.study import TuneError, dashboard_command, open_study, unused_by_network
 
@@ -71,8 +71,10 @@ def check_tune(hp: SimpleNamespace, given: dict[str, str], task: str, plan: str)
         raise TuneError(f"--tune: cannot tune a run that does not train ({plan}): drop --no-train / --ensemble")
     if hp.fold != "all" and plan == FOLDS:
         raise TuneError("--fold: --tune with --folds K scores every fold (the mean OOF Dice); drop --fold")
-    if hp.tune_pruner not in PRUNERS:
-        raise TuneError(f"--tune-pruner {hp.tune_pruner!r}: expected one of {', '.join(PRUNERS)}")
+    try:  # the pruner's own check, made once, before the first trial
+        make_pruner(hp.tune_pruner, max_steps=1)
+    except ValueError as exc:
+        raise TuneError(str(exc)) from None
     if hp.tune_timeout < 0 or hp.tune_heartbeat < 1:
         raise TuneError("--tune-timeout must be >= 0 minutes and --tune-heartbeat >= 1 second")
     check_name("--study", hp.study)
@@ -111,7 +113,7 @@ def lead_study(command: Command, space: tuple[Param, ...], objective: tuple[str,
           f"(now {finished_count(study)} finished)\n  searching: {'; '.join(p.describe() for p in space)}\n"
           f"  fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing (every default is searched)'}\n"
           f"  live view:  {dashboard_command(url)}")
-    loop = StudyLoop(command, study, space, objective, fixed, study_dir)
+    loop = StudyLoop(command, study, space, objective, fixed, study_dir, url)
     try:
         loop.wait_for_room()
         if finished_count(study) < hp.tune:
@@ -167,8 +169,9 @@ class StudyLoop:
     """Rank 0's side of the study: the objective, what follows each trial, the outputs."""
 
     def __init__(self, command: Command, study: optuna.Study, space: tuple[Param, ...],
-                 objective: tuple[str, str], fixed: dict[str, Any], study_dir: Path) -> None:
+                 objective: tuple[str, str], fixed: dict[str, Any], study_dir: Path, url: str) -> None:
         self.command, self.study, self.space, self.fixed, self.study_dir = command, study, space, fixed, study_dir
+        self.url = url  # the storage, for the live-view command
         self.key, self.name = objective
         self.target, self.heartbeat = command.hp.tune, command.hp.tune_heartbeat
         self.failures, self.last_error = 0, ""
@@ -256,12 +259,11 @@ class StudyLoop:
         if not plots:
             return
         skipped = write_plots(self.study, self.study_dir)
-        url = storage_url(self.command.hp.tune_storage, self.study_dir)
         print(f"\nstudy {self.study.study_name}: {finished_count(self.study)} finished trials; trials.csv and plots "
               f"in {self.study_dir}" + (f" (not drawn yet: {', '.join(skipped)})" if skipped else ""))
         if written:
             print(f"best: trial {self.study.best_trial.number}, {self.name} {self.study.best_value:.5f}; "
                   f"rerun it with:  python main.py --config {self.study_dir / 'best.toml'}")
-        print(f"live view:  {dashboard_command(url)}")
+        print(f"live view:  {dashboard_command(self.url)}")
 
 
