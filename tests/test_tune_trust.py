@@ -5,6 +5,7 @@ under torchrun a refused sampled setting fails every rank in step."""
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from pathlib import Path
 
@@ -118,3 +119,24 @@ def test_under_torchrun_a_sampled_setting_rank_0_refuses_fails_every_rank_in_ste
     assert refused and all(t.state == TrialState.FAIL and "--threshold auto" in t.user_attrs["error"]
                            for t in refused), [(t.params, t.state) for t in study.trials]
     assert all(t.state == TrialState.COMPLETE for t in study.trials if t.params.get("threshold") == "0.5")
+
+
+def test_ctrl_c_inside_a_trial_says_how_to_continue_the_study(tmp_path, monkeypatch, capsys):
+    fake_trials(monkeypatch, [{"best_valid_dice": 0.9}, KeyboardInterrupt()])
+    code, out, err = tune_in_process(tmp_path, monkeypatch, capsys, 3)
+    assert code == 130 and "Traceback" not in out + err
+    assert "rerun the same command to continue study s (1/3 finished)" in err, err
+    assert load(tmp_path, "s").trials[1].state == TrialState.FAIL
+
+
+def test_a_bare_resume_never_picks_a_tuning_trial(tmp_path, monkeypatch):
+    from carvana.pipeline import runs
+
+    monkeypatch.chdir(tmp_path)
+    for run, record in (("mine", {}), ("s-t000", {"trial_of": "s"})):  # the trial is the newest
+        (tmp_path / "output" / "models" / run).mkdir(parents=True)
+        (tmp_path / "output" / "models" / run / "last.pt").write_bytes(b"x")
+        (tmp_path / "logs" / run).mkdir(parents=True)
+        (tmp_path / "logs" / run / "hparams.json").write_text(json.dumps(record))
+    assert runs.resumable_runs() == ["mine"]
+    assert runs.resume_hint("s-t000", trial_of="s").startswith("rerun the same --tune command")
