@@ -213,7 +213,7 @@ def test_corrupt_member_data_is_downloaded_again(tmp_path, capsys, how):
     api = FakeApi({**good, "train.zip": [bad, good["train.zip"]]})
     folder = DatasetFetcher(root=tmp_path / "data", api=api).fetch()
     assert [force for _, n, force in api.calls if n == "train.zip"] == [False, True]
-    assert len(layout_files(folder)["train"]) == 6 and not (folder / ".tmp-train.zip").exists()
+    assert len(layout_files(folder)["train"]) == 6 and not list(folder.glob(".tmp-train.zip*"))
     assert "train.zip: corrupt data" in capsys.readouterr().out
 
 
@@ -260,12 +260,13 @@ def test_interrupted_unzip_is_redone(tmp_path, monkeypatch):
     folder = tmp_path / COMPETITION
     with pytest.raises(KeyboardInterrupt):
         DatasetFetcher(root=tmp_path, api=api).fetch()
-    assert (folder / ".tmp-train.zip" / "train").is_dir()  # the leftover of the interrupted unzip
+    (leftover,) = folder.glob(".tmp-train.zip.*")  # the interrupted unzip's own temp folder
+    assert (leftover / "train").is_dir()
     assert not (folder / "_downloads" / "train.zip.done").exists() and not (folder / "train").exists()
 
     monkeypatch.setattr(zipfile.ZipFile, "extract", real_extract)
     DatasetFetcher(root=tmp_path, api=api).fetch()
-    assert not (folder / ".tmp-train.zip").exists()
+    assert not leftover.exists() and not list(folder.glob(".tmp-*"))
     assert (folder / "_downloads" / "train.zip.done").is_file()
     assert len(layout_files(folder)["train"]) == 6
     assert api.count("train.zip") == 1  # the whole zip from the first run was reused

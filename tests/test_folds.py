@@ -74,3 +74,44 @@ def test_error_overlay_colours_each_outcome():
                          truth.repeat(320, 0).repeat(480, 1)[:, :1918], 0.5)
     png = render_gallery([entry, entry])
     assert png.shape[1] == 2 * 639 + 4 and png.shape[0] > 2 * 427
+
+
+def test_the_error_gallery_predicts_with_the_sessions_device_precision_and_streams(tmp_path, monkeypatch):
+    # Fails on the old code: load_members(..., [1.0]) left --device, --amp, --channels-last and
+    # --eval-streams at their defaults (the CPU, autocast, channels_last, automatic streams).
+    from types import SimpleNamespace
+
+    import torch
+
+    from carvana.data.demo_data import write_demo_dataset
+    from carvana.data.layout import mask_path_for
+    from carvana.models.registry import ModelConfig, build_model
+    from carvana.pipeline import folds as pipeline_folds
+    from carvana.training.checkpoint import save_checkpoint
+
+    data = write_demo_dataset(tmp_path / "data", seed=1, n_train_cars=1, n_test_cars=1)
+    images = sorted((data / "train").glob("*.jpg"))[:3]
+    paths = {p.name: (p, mask_path_for(p, data / "train_masks")) for p in images}
+    config = ModelConfig(arch="unet1024", width=0.125, input_size=(64, 128))
+    best = tmp_path / "models" / "fold1" / "best.pt"
+    save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict()}, best)
+    hp = SimpleNamespace(amp=False, channels_last=False, eval_streams=3, tta=True, fast_decode=False)
+    session = SimpleNamespace(hp=hp, device="cpu", models_dir=tmp_path / "models")
+    calls, loaded = [], []
+
+    def recording(*args, **kwargs):
+        calls.append(args)
+        loaded.extend(real(*args, **kwargs))
+        return loaded[-1:]
+
+    real = pipeline_folds.load_members
+    monkeypatch.setattr(pipeline_folds, "load_members", recording)
+    worst = [{"image": p.name, "fold": 1, "dice": 0.5} for p in images]
+    entries = pipeline_folds.gallery_entries(worst, paths, session, 0.5)
+    assert calls == [([best], [1.0], "cpu", False, False, 3)]
+    (member,) = loaded
+    clf = member.classifier
+    assert clf.device == torch.device("cpu") and clf.streams == 3 and clf.amp_dtype is None
+    assert clf.inference.memory_format == torch.contiguous_format  # --no-channels-last
+    assert [e.name for e in entries] == [p.name for p in images]
+    assert all(e.pred.shape == e.truth.shape == (1280, 1918) for e in entries)

@@ -241,11 +241,12 @@ def test_zips_are_unpacked_once_and_a_rerun_does_no_work(tmp_path, monkeypatch, 
     monkeypatch.setattr(mounted, "unpack_archive", lambda *a, **kw: (calls.append(a[1].name), real(*a, **kw)))
     folder = DatasetFetcher(root=tmp_path / "data").fetch()
     assert sorted(calls) == sorted(["train.zip", *CSVS])
+    lock = "_downloads/.fetch.lock"  # taken again (its holder's pid rewritten), which is not work
     before = snapshot(folder)
     calls.clear()
     capsys.readouterr()
     assert DatasetFetcher(root=tmp_path / "data").fetch() == folder
-    assert calls == [] and snapshot(folder) == before
+    assert calls == [] and {**snapshot(folder), lock: None} == {**before, lock: None}
     assert capsys.readouterr().out.count("already unpacked") == 4
 
 
@@ -265,7 +266,8 @@ def test_a_half_unpacked_folder_is_redone(tmp_path, monkeypatch, make_mount):
     folder = tmp_path / "data" / COMPETITION
     with pytest.raises(KeyboardInterrupt):
         DatasetFetcher(root=tmp_path / "data").fetch()
-    assert (folder / ".tmp-train.zip" / "train").is_dir() and not (folder / "_downloads" / "train.zip.done").exists()
+    (leftover,) = folder.glob(".tmp-train.zip.*")  # the interrupted unzip's own temp folder
+    assert (leftover / "train").is_dir() and not (folder / "_downloads" / "train.zip.done").exists()
     monkeypatch.setattr(zipfile.ZipFile, "extract", real_extract)
     # An output without its marker (a run stopped between the move and the marker) is redone too.
     (folder / "train_masks" / "stray_mask.gif").write_bytes(b"x")
@@ -374,13 +376,16 @@ def test_main_trains_on_the_mounted_files(tmp_path, make_mount):
     assert f"data: mounted competition files at {mount} (CARVANA_INPUT)" in result.stdout
     assert "DEMO DATA" not in result.stdout and not (cwd / "data" / "demo").exists()
     # Outputs land in the working folder (the notebook's Output tab), only best.pt kept.
-    assert f"outputs: under {working}" in result.stdout
+    assert f"outputs and data: under {working}" in result.stdout
     assert (working / "output" / "submit.csv.gz").is_file() and not (cwd / "output").exists()
     assert (working / "output/models/m1/best.pt").is_file() and not (working / "output/models/m1/last.pt").exists()
     summary = json.loads((working / "logs" / "m1" / "summary.json").read_text())
     n_train = len(list((source / "train").glob("*.jpg")))
     assert summary["data"] == "mount" and summary["train_images"] + summary["valid_images"] == n_train == 32
     assert summary["test_images"] == len(list((source / "test").glob("*.jpg"))) == 16
-    unpacked = cwd / "data" / COMPETITION  # the zips went under the run's data root, not into the mount
+    # The zips went under the data root, which (relative) follows the outputs into the working
+    # folder: the current folder may be a read-only code dataset. Nothing went into the mount.
+    unpacked = working / "data" / COMPETITION
     assert (unpacked / "_downloads" / "train.zip.done").is_file() and len(list((unpacked / "train").iterdir())) == 32
+    assert not (cwd / "data").exists()
     assert snapshot(mount) == mount_files

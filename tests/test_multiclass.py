@@ -102,3 +102,35 @@ def test_a_few_steps_lower_the_multiclass_loss():
     batches = [{"image": images, "mask": target.to(torch.uint8), "name": list("abcd")}]
     history = clf.train(batches, None, 5)
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
+
+
+def test_validation_gives_the_same_figures_on_several_streams():
+    # Fails on the old code: multi-class validation was a plain loop, --eval-streams unused.
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for b in range(5):  # full-size truths of differing sizes, as at each image's own resolution
+        hw = (9 + b, 13 - b)
+        batches.append({"image": torch.randint(0, 255, (2, 3, 8, 8), generator=g, dtype=torch.uint8),
+                        "mask": torch.randint(0, 3, (2, 8, 8), generator=g, dtype=torch.uint8),
+                        "full_mask": [torch.randint(0, 3, hw, generator=g, dtype=torch.uint8) for _ in range(2)],
+                        "name": [f"b{b}_{i}" for i in range(2)]})
+    runs = {}
+    for streams in (1, 2):
+        torch.manual_seed(0)
+        task = MultiClassTask(3, ["x", "y", "z"])
+        clf = CarvanaClassifier(nn.Conv2d(3, 3, 1), epochs=1, device="cpu", progress=False, task=task,
+                                preview_count=1, eval_streams=streams)
+        threads: set[str] = set()
+        forward = clf.eval_forward
+        clf.eval_forward = lambda x, forward=forward, threads=threads: (threads.add(threading.current_thread().name),
+                                                                        forward(x))[1]
+        metrics, preview = task.validate(clf, batches)
+        runs[streams] = (metrics, task.last_table, preview, threads)
+    (m1, t1, p1, th1), (m2, t2, p2, th2) = runs[1], runs[2]
+    assert len(th1) == 1 and len(th2) == 2  # really scored on two streams
+    assert m2 == pytest.approx(m1, abs=1e-6) and 0 < m1["valid_accuracy"] < 1
+    assert t2[["truth_pixels", "pred_pixels"]].equals(t1[["truth_pixels", "pred_pixels"]])
+    assert t1["truth_pixels"].sum() == sum(f.numel() for b in batches for f in b["full_mask"])
+    assert (p2.probs == p1.probs).all() and (p2.truths == p1.truths).all()  # the first batch's preview

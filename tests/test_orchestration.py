@@ -5,6 +5,7 @@ Runs are `python main.py` subprocesses on a tiny demo dataset (4 train cars, 1 t
 64x64, width 0.125, so each takes seconds.
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -63,15 +64,34 @@ def test_off_grid_threshold_scores_the_folds_at_it(folds_run):
     assert "dice@0.42" in pd.read_csv(cwd / "logs/k/oof.csv").columns
 
 
+def trained_state(models: Path) -> dict[str, tuple]:
+    """Per fold, what training changes: last.pt itself (inode, mtime, bytes: training replaces it,
+    and a seeded retraining gives the same weights but other timings), and best.pt's weights,
+    epoch and metrics (best.pt itself is rewritten when the recorded threshold changes)."""
+    state = {}
+    for fold in sorted(models.glob("fold*")):
+        best = load_checkpoint(fold / "best.pt")
+        weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in best["model"].values())).hexdigest()
+        last = fold / "last.pt"
+        st = last.stat()
+        state[fold.name] = ((st.st_ino, st.st_mtime_ns, hashlib.sha256(last.read_bytes()).hexdigest()),
+                            weights, best["epoch"], best["metrics"])
+    return state
+
+
 def test_a_later_off_grid_threshold_rescores_finished_folds_without_retraining(folds_run, data):
     # Defect 8, after a resume: the finished folds' scores lacked the new threshold (NaN / KeyError).
     cwd, _ = folds_run
-    before = (cwd / "output/models/k/fold0/best.pt").stat().st_mtime_ns
+    models = cwd / "output/models/k"
+    before = trained_state(models)
+    hparams = {f: load_checkpoint(models / f / "best.pt")["hparams"] for f in before}
     result = ok(run_main(cwd, "--resume", "--run-name", "k", "--threshold", "0.47", "--output", "output/k47.csv.gz"))
     assert "train_loss" not in result.stdout and "resuming" not in result.stdout  # nothing trained again
     summary = json.loads((cwd / "logs/k/oof_summary.json").read_text())
     assert summary["threshold"] == 0.47 and summary["mean_oof_dice"] == summary["mean_oof_dice"]
-    assert (cwd / "output/models/k/fold0/best.pt").stat().st_mtime_ns >= before
+    assert sorted(before) == ["fold0", "fold1"] and trained_state(models) == before  # neither fold retrained
+    for fold, old in hparams.items():  # best.pt's only change: the threshold prediction now uses
+        assert load_checkpoint(models / fold / "best.pt")["hparams"] == {**old, "threshold": 0.47}
 
 
 def test_resuming_a_folds_run_needs_only_its_name(folds_run):

@@ -16,6 +16,7 @@ from carvana.models.registry import ModelConfig, build_model
 from carvana.submission.ensemble import EnsemblePredictor, Member, size_key
 from carvana.training.callbacks import Callback
 from carvana.training.classifier import CarvanaClassifier
+from carvana.training.evaluation import batch_probabilities
 from carvana.training.streams import MAX_AUTO_STREAMS, choose_eval_streams, ordered_map, threads_per_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,14 +118,35 @@ def classifier(streams: int) -> CarvanaClassifier:
                              model_config=config, eval_streams=streams)
 
 
+def alone(clf: CarvanaClassifier, data: Images, tta: bool) -> dict[str, torch.Tensor]:
+    """Each image's probabilities computed on its own, on this thread: no loader batch, no stream."""
+    with clf.fixed_weights():
+        return {item["name"]: batch_probabilities(clf, {"image": item["image"][None], "ok": torch.tensor([item["ok"]])},
+                                                  tta)[0] for item in (data[i] for i in range(len(data)))}
+
+
+def assert_each_name_has_its_own_map(keep: Keep, reference: dict[str, torch.Tensor]) -> None:
+    """Every map a callback got is the one of the image named beside it (rounding at most). The
+    images' own maps differ by far more than that, so names paired with another batch's maps fail."""
+    maps = torch.cat(keep.probs)
+    assert keep.names == list(reference) and len(maps) == len(keep.names)
+    for name, prob in zip(keep.names, maps):
+        torch.testing.assert_close(prob, reference[name], atol=2e-2, rtol=0, msg=f"{name}: another image's map")
+
+
 def test_prediction_and_validation_give_the_same_numbers_with_several_streams():
-    loader = DataLoader(Images(10), batch_size=2)
+    data = Images(10)
+    loader = DataLoader(data, batch_size=2)
+    reference = alone(classifier(1), data, tta=True)
+    others = [(a, b) for a in reference for b in reference if a < b]
+    assert min(float((reference[a] - reference[b]).abs().max()) for a, b in others) > 0.2  # tells images apart
     runs = {}
     for streams in (1, 3):
         clf = classifier(streams)
         assert clf.streams == streams
         keep = Keep()
         clf.predict(loader, [keep], tta=True)
+        assert_each_name_has_its_own_map(keep, reference)
         runs[streams] = (keep, clf.validate(loader))
     (keep1, (loss1, dice1, prev1)), (keep3, (loss3, dice3, prev3)) = runs[1], runs[3]
     assert keep3.names == keep1.names == [f"img{i:02d}.jpg" for i in range(10)]
@@ -143,10 +165,8 @@ def test_an_ensemble_predicts_in_order_on_several_streams():
     keep = Keep()
     predictor.predict(loader, [keep], tta=False)
     assert keep.names == [f"img{i:02d}.jpg" for i in range(6)]
-    alone = Keep()
-    members[0].classifier.predict(DataLoader(Images(6), batch_size=2), [alone])
-    for a, b in zip(alone.probs, keep.probs):  # two identical members: their average is either one
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+    # Two identical members: their average is either one's map, image by image.
+    assert_each_name_has_its_own_map(keep, alone(members[0].classifier, Images(6), tta=False))
 
 
 def test_a_negative_stream_count_is_refused_in_one_line(tmp_path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from carvana.data.files import atomic_path
 from carvana.models.registry import ModelConfig, arch_spec
 from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
 
@@ -78,13 +78,11 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path, threshold: fl
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ProbabilityModel(model, config).cpu().eval()
     h, w = config.input_size
     dummy = torch.zeros(1, 3, h, w, dtype=torch.uint8)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # the exporter writes the file itself: export, annotate, rename
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, opset_version=opset,
@@ -96,9 +94,6 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path, threshold: fl
         proto.doc_string = f"carvana {config.describe()}: uint8 RGB in, probabilities out"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

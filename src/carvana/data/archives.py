@@ -1,20 +1,37 @@
 """Competition archives: which zips exist, whether one is whole, and unpacking one safely.
 
-An archive is unpacked into a temporary folder and its top-level entries renamed into
-place; a JSON marker written last records completion, so an interrupted unzip is redone.
-Member names that would write outside the folder (zip-slip) are refused before anything
-is written.
+An archive is unpacked into a temporary folder of this process's own and its top-level
+entries renamed into place; a JSON marker written last records completion, so an
+interrupted unzip is redone. Member names that would write outside the folder (zip-slip)
+are refused before anything is written.
+
+Several processes may fetch into one data folder at once (tuning workers, a second notebook
+cell): :func:`fetch_lock` makes them take turns, so one unpacks and the others find it done.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import tempfile
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from carvana.data.files import write_text_atomic
+
+DOWNLOADS = "_downloads"  # markers, downloaded archives and the lock live here
+LOCK_NAME = ".fetch.lock"
+TMP_PREFIX = ".tmp-"  # extraction folders: .tmp-<archive>.<pid>-<random>
+# A data folder that cannot be written: a read-only mount or code dataset, or no permission.
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -83,6 +100,90 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
+def not_writable(folder: Path, exc: OSError) -> DatasetLayoutError:
+    """The one-line error for a data folder that cannot be written, naming it and the way out."""
+    return DatasetLayoutError(f"{folder}: cannot write the data there ({exc.strerror or exc}); "
+                              "pass --data-root with a folder on a writable disk")
+
+
+def _inside(name: object, folder: Path) -> bool:
+    """Whether the path an OSError names (``exc.filename``) is ``folder`` or lies under it."""
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    path, top = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(folder))
+    return path == top or top in path.parents
+
+
+@contextmanager
+def writing_into(folder: Path) -> Iterator[None]:
+    """Inside, an OSError saying ``folder`` (or a path under it) cannot be written (a read-only
+    disk, no permission) becomes one DatasetLayoutError naming ``folder``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NOT_WRITABLE and (_inside(exc.filename, folder) or _inside(exc.filename2, folder)):
+            raise not_writable(folder, exc) from None
+        raise
+
+
+def _acquire(fd: int, lock: Path) -> bool:
+    """flock ``fd`` exclusively, waiting for the holder (said once on the console); False where
+    the filesystem has no flock (then nothing protects against a second process)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            warnings.warn(f"{lock}: cannot lock ({exc.strerror}); not protected against a second "
+                          "process fetching into the same folder", stacklevel=4)
+            return False
+    holder = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+    print(f"[fetch] waiting for another process{f' (pid {holder})' if holder else ''} fetching into "
+          f"{lock.parent.parent}", flush=True)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: its unpack is ours too once it is done
+    return True
+
+
+@contextmanager
+def fetch_lock(folder: Path) -> Iterator[bool]:
+    """Hold ``folder/_downloads/.fetch.lock`` (a blocking fcntl.flock) while fetching or unpacking
+    into ``folder``; yields whether it is held (False: no flock there, or a read-only folder
+    that already exists, which is fine as long as everything in it is already done).
+
+    The kernel drops a flock when its holder dies (kill -9 included), so a crashed run blocks
+    nothing; the file itself stays (removing it would race with the next locker). An OSError
+    saying ``folder`` cannot be written becomes one DatasetLayoutError naming it.
+    """
+    folder = Path(folder)
+    lock = folder / DOWNLOADS / LOCK_NAME
+    fd = None
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE:
+            raise
+        if not lock.parent.is_dir():  # nowhere to put even the markers
+            raise not_writable(folder, exc) from None
+    try:
+        held = fd is not None and _acquire(fd, lock)
+        if held:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for the message of a waiter
+        with writing_into(folder):
+            yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def clear_leftovers(folder: Path) -> None:
+    """Remove the temp folders and names of interrupted unzips and links in ``folder``. Call only
+    while holding :func:`fetch_lock`: every other writer waits for it, so none of them is live."""
+    for path in [*folder.glob(f"{TMP_PREFIX}*"), *folder.glob(".*.tmp")]:
+        remove_path(path)
+
+
 def is_unpacked(folder: Path, marker: Path) -> bool:
     """True when ``marker`` records a finished unpack whose outputs still exist in ``folder``."""
     try:
@@ -93,16 +194,17 @@ def is_unpacked(folder: Path, marker: Path) -> bool:
     return all((folder / name).exists() for name in outputs)
 
 
-def unpack_archive(folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path,
-                   keep_zip: bool = False) -> None:
-    """Extract ``zip_path`` via ``tmp`` into ``folder``, write ``marker`` and delete the zip.
+def unpack_archive(folder: Path, archive: Archive, zip_path: Path, marker: Path, keep_zip: bool = False) -> None:
+    """Extract ``zip_path`` into ``folder`` via a temp folder of this process's own
+    (``.tmp-<archive>.<pid>-*``), write ``marker`` and delete the zip. Call under :func:`fetch_lock`.
 
     ``keep_zip`` leaves the zip alone (a read-only mounted one is only ever read).
 
     Raises UnsafeArchiveError before writing anything for a zip-slip member, and
-    CorruptArchiveError when the expected top-level entries are missing. An I/O problem
-    (OSError) removes ``tmp``, keeps the zip and re-raises; a corrupt member raises
-    zipfile.BadZipFile / EOFError and a Ctrl-C leaves ``tmp`` (the next run removes it).
+    CorruptArchiveError when the expected top-level entries are missing. Any error removes the
+    temp folder (freeing the space) and keeps the zip for the rerun: an I/O problem re-raises
+    the OSError, a corrupt member zipfile.BadZipFile / EOFError / zlib.error. A Ctrl-C leaves
+    the temp folder (removing GBs would delay the exit); the next holder of the lock removes it.
     """
     with zipfile.ZipFile(zip_path) as zf:
         infos = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
@@ -111,26 +213,23 @@ def unpack_archive(folder: Path, archive: Archive, zip_path: Path, tmp: Path, ma
             raise UnsafeArchiveError(f"{zip_path}: refusing to extract, member {bad[0]!r} would be "
                                      f"written outside the target folder ({len(bad)} unsafe member(s))")
         print(f"[fetch] {archive.name}: unpacking {len(infos)} entries")
-        tmp.mkdir(parents=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{archive.name}.{os.getpid()}-", dir=folder))
         try:
             for info in infos:
                 zf.extract(info, tmp)
-        except OSError:
-            remove_path(tmp)  # frees the space; the zip itself is kept for the rerun
+            found = sorted(p.name for p in tmp.iterdir())
+            missing = [src for src in archive.outputs if src not in found]
+            if missing:
+                raise CorruptArchiveError(f"{zip_path}: expected {', '.join(missing)} at the top of the "
+                                          f"archive, found {', '.join(found) or 'nothing'}")
+        except Exception:
+            remove_path(tmp)
             raise
-    found = sorted(p.name for p in tmp.iterdir())
-    missing = [src for src in archive.outputs if src not in found]
-    if missing:
-        remove_path(tmp)
-        raise CorruptArchiveError(f"{zip_path}: expected {', '.join(missing)} at the top of the "
-                                  f"archive, found {', '.join(found) or 'nothing'}")
     for src, dst in archive.outputs.items():
         remove_path(folder / dst)  # a half-moved output of an interrupted run
         os.replace(tmp / src, folder / dst)
-    partial = marker.with_name(marker.name + ".partial")
-    partial.write_text(json.dumps({"archive": archive.name, "outputs": sorted(archive.outputs.values()),
-                                   "entries": len(infos)}), encoding="utf-8")
-    os.replace(partial, marker)
+    write_text_atomic(marker, json.dumps({"archive": archive.name, "outputs": sorted(archive.outputs.values()),
+                                          "entries": len(infos)}))
     remove_path(tmp)
     if not keep_zip:
         zip_path.unlink()  # the hq archives are GBs; the marker alone records completion

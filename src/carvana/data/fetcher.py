@@ -9,7 +9,8 @@ Download layout under ``root/<competition>[-hq]``::
 
     _downloads/<archive>.zip         while an archive is being fetched (deleted once unpacked)
     _downloads/<archive>.zip.done    completion marker, written only after a successful unpack
-    .tmp-<archive>/                  extraction in progress (renamed into place at the end)
+    _downloads/.fetch.lock           held while fetching: concurrent processes take turns
+    .tmp-<archive>.<pid>-*/          extraction in progress (renamed into place at the end)
     train/ train_masks/ test/ train_masks.csv metadata.csv sample_submission.csv
 """
 
@@ -27,20 +28,23 @@ from typing import Any
 
 from carvana.data import kaggle_client, mounted, notebook
 from carvana.data.archives import (  # noqa: F401  (re-exported: callers import them from here)
+    DOWNLOADS,
     Archive,
     CorruptArchiveError,
     DatasetLayoutError,
     UnsafeArchiveError,
     archives,
+    clear_leftovers,
+    fetch_lock,
     is_unpacked,
     remove_path,
     unpack_archive,
     unsafe_member,
+    writing_into,
     zip_problem,
 )
 from carvana.data.layout import COMPETITION, car_id, mask_path_for
 
-DOWNLOADS = "_downloads"
 REQUIRED_DIRS = ("train", "train_masks", "test")
 REQUIRED_FILES = ("sample_submission.csv",)
 OPTIONAL_FILES = ("train_masks.csv", "metadata.csv")
@@ -133,9 +137,11 @@ class DatasetFetcher:
             print(f"data: Kaggle API download (credentials from {source}; no mounted competition files at "
                   f"{notebook.KAGGLE_INPUT_DIR} and {notebook.INPUT_ENV} unset)", flush=True)
         folder = self._target()
-        (folder / DOWNLOADS).mkdir(parents=True, exist_ok=True)
-        for archive in archives(self.hq):
-            self._fetch_archive(folder, archive)
+        with fetch_lock(folder) as held:  # other processes wait here, then find the work done
+            if held:
+                clear_leftovers(folder)
+            for archive in archives(self.hq):
+                self._fetch_archive(folder, archive)
         self.dataset_dir, self.source = check_layout(folder), "kaggle"
         return folder
 
@@ -153,7 +159,8 @@ class DatasetFetcher:
     def _use_demo(self) -> Path:
         from carvana.data.demo_data import write_demo_dataset  # lazy: only needed without real data
 
-        folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))
+        with writing_into(self.root):  # a read-only data root: one line, not an EROFS traceback
+            folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))
         bar = "!" * 78
         print("\n".join([
             bar,
@@ -175,8 +182,6 @@ class DatasetFetcher:
     def _fetch_archive(self, folder: Path, archive: Archive) -> None:
         zip_path = folder / DOWNLOADS / archive.name
         marker = zip_path.with_name(archive.name + ".done")
-        tmp = folder / f".tmp-{archive.name}"
-        remove_path(tmp)  # leftovers of an interrupted unzip are never trusted
         if is_unpacked(folder, marker):
             print(f"[fetch] {archive.name}: already done")
             return
@@ -191,10 +196,9 @@ class DatasetFetcher:
                 problem = self._download(archive.name, zip_path, force)
             if not problem:
                 try:
-                    self._unpack(folder, archive, zip_path, tmp, marker)
+                    self._unpack(folder, archive, zip_path, marker)
                     return
                 except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # CRC error / bad deflate data in a member
-                    remove_path(tmp)
                     problem = f"corrupt data ({exc})"
             if attempt == 0:
                 print(f"[fetch] {archive.name}: {problem}; downloading it again")
@@ -215,15 +219,15 @@ class DatasetFetcher:
             raise failure
         return zip_problem(zip_path)
 
-    def _unpack(self, folder: Path, archive: Archive, zip_path: Path, tmp: Path, marker: Path) -> None:
+    def _unpack(self, folder: Path, archive: Archive, zip_path: Path, marker: Path) -> None:
         failure: kaggle_client.KaggleError | None = None
         try:
-            unpack_archive(folder, archive, zip_path, tmp, marker)
+            unpack_archive(folder, archive, zip_path, marker)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
             failure = kaggle_client.clean_kaggle_error(exc, f"unpacking {archive.name}", self.competition,
-                                                       path=exc.filename or tmp)
+                                                       path=exc.filename or folder)
         if failure is not None:
             raise failure
 

@@ -12,6 +12,10 @@ the mount in one of two forms, per part, so mixed layouts work:
 
 Nothing is ever written into the mount. When every part is unpacked in the mount under its
 own name, the mount itself is the dataset folder and nothing is written anywhere.
+
+The dataset folder is written under archives.fetch_lock: processes started together (tuning
+workers, one per GPU) take turns, and the later ones find the unpacked parts done. A dataset
+folder that cannot be written (the cwd of a read-only code dataset) is one DatasetLayoutError.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carvana.data.archives import (
+    DOWNLOADS,
     Archive,
     CorruptArchiveError,
     DatasetLayoutError,
     archives,
+    clear_leftovers,
+    fetch_lock,
     is_unpacked,
     remove_path,
     unpack_archive,
     zip_problem,
 )
+from carvana.data.files import atomic_path, fsync_dir
 from carvana.data.kaggle_client import DiskFullError
 
-DOWNLOADS = "_downloads"  # where the markers live, shared with downloaded archives
 OPTIONAL = ("train_masks.csv", "metadata.csv")
 
 
@@ -97,21 +104,21 @@ def _link(target: Path, link: Path) -> None:
     """Make ``link`` a symlink to ``target`` (a part used in place), replacing what was there."""
     if link.is_symlink() and Path(os.readlink(link)) == target:
         return
-    tmp = link.with_name(f".tmp-link-{link.name}")
-    remove_path(tmp)
-    os.symlink(target, tmp, target_is_directory=target.is_dir())
-    remove_path(link)  # an earlier unpack or link of this part; never follows a link into the mount
-    os.replace(tmp, link)
+    with atomic_path(link, fsync=False) as tmp:  # a link has no bytes of its own to fsync
+        os.symlink(target, tmp, target_is_directory=target.is_dir())
+        # An earlier unpack of this part is a folder, which a rename cannot replace; never
+        # follows a link into the mount.
+        remove_path(link)
+    fsync_dir(link.parent)  # the rename itself survives a crash
 
 
 def unpack_mounted(folder: Path, archive: Archive, zip_path: Path) -> bool:
     """Unpack a mounted zip into ``folder`` unless its marker says it is done; True if it unpacked.
 
     The zip is only read. A damaged one cannot be downloaded again, so it is an error naming it.
+    Call under archives.fetch_lock (two unzips of one part would replace each other's output).
     """
     marker = folder / DOWNLOADS / f"{archive.name}.done"
-    tmp = folder / f".tmp-{archive.name}"
-    remove_path(tmp)  # leftovers of an interrupted unzip are never trusted
     if is_unpacked(folder, marker):
         print(f"[fetch] {archive.name}: already unpacked")
         return False
@@ -120,9 +127,8 @@ def unpack_mounted(folder: Path, archive: Archive, zip_path: Path) -> bool:
         raise CorruptArchiveError(f"{zip_path}: mounted archive is unusable ({problem})")
     failure: Exception | None = None
     try:
-        unpack_archive(folder, archive, zip_path, tmp, marker, keep_zip=True)
+        unpack_archive(folder, archive, zip_path, marker, keep_zip=True)
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # CRC error / bad deflate data in a member
-        remove_path(tmp)
         failure = CorruptArchiveError(f"{zip_path}: mounted archive has corrupt data ({exc})")
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
@@ -142,13 +148,15 @@ def assemble(mount: Path, folder: Path, hq: bool = False) -> Path:
     if all(p.in_place == mount / p.dst for p in parts):
         print(f"[fetch] every part is unpacked in {mount}: using it in place")
         return mount
-    (folder / DOWNLOADS).mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        if part.in_place is not None:
-            print(f"[fetch] {part.dst}: using {part.in_place} in place")
-            remove_path(folder / DOWNLOADS / f"{part.archive.name}.done")  # an earlier unpack of it is replaced
-            _link(part.in_place, folder / part.dst)
-        else:
-            assert part.zip_path is not None
-            unpack_mounted(folder, part.archive, part.zip_path)
+    with fetch_lock(folder) as held:  # other processes wait here, then find the work done
+        if held:
+            clear_leftovers(folder)
+        for part in parts:
+            if part.in_place is not None:
+                print(f"[fetch] {part.dst}: using {part.in_place} in place")
+                remove_path(folder / DOWNLOADS / f"{part.archive.name}.done")  # an earlier unpack of it is replaced
+                _link(part.in_place, folder / part.dst)
+            else:
+                assert part.zip_path is not None
+                unpack_mounted(folder, part.archive, part.zip_path)
     return folder

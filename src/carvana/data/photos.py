@@ -22,8 +22,6 @@ resize the full decode.
 
 from __future__ import annotations
 
-import os
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from PIL import Image, ImageColor, ImageOps
 
 from carvana.data.datasets import mirror_pad, resize_decoded
+from carvana.data.files import write_bytes_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FITS = ("letterbox", "stretch")
@@ -237,13 +236,8 @@ def _write_atomic(path: Path, image: np.ndarray, params: list[int]) -> None:
     ok, data = cv2.imencode(path.suffix, image, params)
     if not ok:
         raise OSError(f"{path}: could not encode the image")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Durable too: a rerun skips photos whose outputs exist, so a file emptied by a crash would stay.
+    write_bytes_atomic(path, data.tobytes())
 
 
 def outline_overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

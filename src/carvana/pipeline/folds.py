@@ -29,7 +29,7 @@ from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, train_model
 from carvana.pipeline.plans import PlanError, parse_fold
 from carvana.pipeline.session import Session
-from carvana.submission.ensemble import load_members
+from carvana.submission.ensemble import Member, load_members
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint
@@ -94,8 +94,7 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
     summary = None
     if main:
         paths = {Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}
-        threshold, summary = summarize_run(session.log_dir, hp.folds, threshold, auto_threshold, paths,
-                                           session.models_dir, hp.tta, data.mask_rles, hp.fast_decode)
+        threshold, summary = summarize_run(session, threshold, auto_threshold, paths, data.mask_rles)
         record_threshold([session.models_dir / f"fold{f}" / "best.pt" for f in range(hp.folds)], threshold)
     threshold = float(dist.broadcast_object(threshold))
     members = [session.models_dir / f"fold{f}" / "best.pt" for f in folds]
@@ -110,11 +109,19 @@ def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], ta
     """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
     model's own data size): one row per image with its Dice at each threshold of ``grid``."""
     hp = session.hp
-    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams)
+    member = fold_member(best, session)
     scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
                         hp.predict_batch_size, hp.workers, mask_rles, fast_decode=hp.fast_decode)
     meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
     return pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=fold)
+
+
+def fold_member(best: Path, session: Session) -> Member:
+    """A fold's best.pt ready to predict as every prediction of the session does: its
+    ``--device``, ``--amp``, ``--channels-last`` and ``--eval-streams``."""
+    hp = session.hp
+    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams)
+    return member
 
 
 def record_threshold(checkpoints: list[Path], threshold: float) -> None:
@@ -126,10 +133,10 @@ def record_threshold(checkpoints: list[Path], threshold: float) -> None:
             save_checkpoint({**state, "hparams": {**(state.get("hparams") or {}), "threshold": threshold}}, path)
 
 
-def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool, paths: dict[str, tuple[Path, Path]],
-                  run_models: Path, tta: bool, mask_rles: Any = None, fast_decode: bool = True
-                  ) -> tuple[float, dict | None]:
+def summarize_run(session: Session, threshold: float, auto_threshold: bool, paths: dict[str, tuple[Path, Path]],
+                  mask_rles: Any = None) -> tuple[float, dict | None]:
     """Combine the scored folds into oof.csv, choose the threshold, write summary and gallery."""
+    run_logs, k = session.log_dir, session.hp.folds
     parts = [pd.read_csv(run_logs / f"fold{f}" / "oof.csv", dtype={"image": str, "car": str})
              for f in range(k) if (run_logs / f"fold{f}" / "oof.csv").exists()]
     if not parts:
@@ -149,25 +156,26 @@ def summarize_run(run_logs: Path, k: int, threshold: float, auto_threshold: bool
     if means is not None:
         summary["threshold_means"] = means
     gallery = run_logs / "oof_worst.png"
-    write_gallery(gallery_entries(summary["worst"], paths, run_models, threshold, tta, mask_rles, fast_decode), gallery)
+    write_gallery(gallery_entries(summary["worst"], paths, session, threshold, mask_rles), gallery)
     summary["gallery"] = str(gallery)
     write_json(summary, run_logs / "oof_summary.json")
     print("\n" + format_summary(summary) + f"\n  error gallery: {gallery}")
     return threshold, summary
 
 
-def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], run_models: Path,
-                    threshold: float, tta: bool, mask_rles: Any = None, fast_decode: bool = True
-                    ) -> list[GalleryEntry]:
-    """Re-predict the worst images with their own fold's model (a dozen images: cheap)."""
+def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], session: Session,
+                    threshold: float, mask_rles: Any = None) -> list[GalleryEntry]:
+    """Re-predict the worst images with their own fold's model (a dozen images: cheap), with the
+    session's device, precision and streams, as the OOF scores were."""
+    hp = session.hp
     probs: dict[str, np.ndarray] = {}
     for fold in sorted({int(w["fold"]) for w in worst}):
         names = [w["image"] for w in worst if int(w["fold"]) == fold]
-        (member,) = load_members([run_models / f"fold{fold}" / "best.pt"], [1.0])
+        member = fold_member(session.models_dir / f"fold{fold}" / "best.pt", session)
         collect = _Keep()  # images at the model's data size: unet-original pads them itself
         loader = DataLoader(TestImageDataset([paths[n][0] for n in names], output_size(member.config),
-                                             fast_decode=fast_decode), batch_size=4)
-        member.classifier.predict(loader, [collect], tta=tta)
+                                             fast_decode=hp.fast_decode), batch_size=4)
+        member.classifier.predict(loader, [collect], tta=hp.tta)
         probs.update(collect.probs)
     return [GalleryEntry(w["image"], read_image(paths[w["image"]][0]), upsample_mask(probs[w["image"]], threshold),
                          true_mask(*paths[w["image"]], mask_rles).astype(bool), float(w["dice"])) for w in worst]

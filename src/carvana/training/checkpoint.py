@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carvana.data.files import fsync_dir
+from carvana.data.files import atomic_path, fsync_dir, temp_name
 from carvana.models.registry import ModelConfig, ModelConfigError, build_model
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
@@ -33,30 +33,30 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    with open(tmp, "rb") as f:  # make the bytes durable before the rename publishes them
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write ``state`` to ``path`` atomically and durably (data/files.atomic_path): a crash
+    mid-write leaves the old file intact."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
 
 
 def publish_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` a copy of the (already durable) ``src`` atomically, as timm's checkpoint saver:
     hard-link ``src`` to a temp name and rename that over ``dst``; where the filesystem has no hard
-    links, copy the bytes to the temp name and fsync them instead."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    links, copy the bytes to the temp name and fsync them instead. The temp name is this process
+    and thread's own (data/files.temp_name), as every atomic write's."""
+    tmp = temp_name(dst)
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)  # no bytes copied; src is only ever replaced by rename, never rewritten in place
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)  # no bytes copied; src is only ever replaced by rename, never rewritten in place
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk during the copy: no temp file left behind
+        raise
     fsync_dir(dst.parent)
 
 

@@ -8,13 +8,13 @@ run's log folder so a resumed run (and the OOF table) uses exactly the same fold
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from carvana.data.files import write_text_atomic
 from carvana.data.layout import car_id
 
 FOLD_COLUMNS = ["image", "car", "angle", "fold"]
@@ -64,10 +64,7 @@ def load_or_assign_folds(path: Path, images: Sequence[Path | str], k: int, seed:
                              f"{len(saved)} images; now {k} folds of {len(table)} images were asked for. "
                              "Use a new --run-name for a different split.")
         return saved.sort_values("image").reset_index(drop=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, table.to_csv(index=False))
     return table
 
 

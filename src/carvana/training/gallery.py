@@ -8,13 +8,14 @@ name and Dice are written on it; a legend sits on top.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
+
+from carvana.data.files import write_bytes_atomic
 
 TP_COLOUR = (40, 200, 40)  # RGB
 FP_COLOUR = (255, 30, 30)
@@ -76,11 +77,8 @@ def render_gallery(entries: Sequence[GalleryEntry], scale: float = 1 / 3) -> np.
 def write_gallery(entries: Sequence[GalleryEntry], path: Path, scale: float = 1 / 3) -> Path:
     """Render and write the gallery PNG atomically; returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, png = cv2.imencode(".png", cv2.cvtColor(render_gallery(entries, scale), cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png.tobytes())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, png.tobytes())
     return path

@@ -6,13 +6,14 @@ All of them write only on rank 0, so a torchrun job logs once.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
+from carvana.data.files import write_bytes_atomic, write_text_atomic
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
 
@@ -77,12 +78,11 @@ class CSVLogger(Callback):
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if _epoch_of(r) < epoch]
         rows.append({k: metrics.get(k, "") for k in self.columns})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.path, text.getvalue())
 
 
 def _epoch_of(row: dict[str, str]) -> float:
@@ -121,11 +121,11 @@ class PreviewLogger(Callback):
         make_grid = self.grid_fn or (lambda p: overlay_grid(p, self.threshold))
         grid = make_grid(preview) if preview is not None else None
         if grid is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / f"preview_epoch{epoch + 1:03d}.png"
-            tmp = path.with_name(path.stem + ".tmp.png")
-            cv2.imwrite(str(tmp), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-            os.replace(tmp, path)
+            ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise RuntimeError(f"{path}: PNG encoding failed")
+            write_bytes_atomic(path, png.tobytes())
         if self.writer is not None:
             for key in ("train_loss", "valid_loss", "valid_dice", "valid_miou", "valid_accuracy", "lr"):
                 if key in metrics:

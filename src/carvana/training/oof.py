@@ -9,7 +9,6 @@ best column. Scores are the competition's: per image, at 1918x1280, both empty =
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +17,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from carvana.data.datasets import TestImageDataset, true_mask
-from carvana.data.files import write_json_atomic
+from carvana.data.files import write_json_atomic, write_text_atomic
 from carvana.data.postprocess import upsample_probs
 from carvana.training.callbacks import Callback
 from carvana.training.losses import dice_per_image
@@ -67,11 +66,8 @@ def score_fold(classifier: Any, images: Sequence[Path], masks: Sequence[Path], i
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Atomic CSV write (temp name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``frame`` as CSV, atomically and durably (data/files)."""
+    write_text_atomic(path, frame.to_csv(index=False, float_format="%.6f"))
 
 
 def choose_threshold(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, dict[str, float]]:

@@ -15,6 +15,8 @@ monitored metric and validation. Every classifier has one:
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -25,10 +27,12 @@ from torch import nn
 from tqdm import tqdm
 
 from carvana.data.datasets import tensor_to_image
+from carvana.data.files import write_text_atomic
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, Preview
 from carvana.training.evaluation import validate_binary
 from carvana.training.losses import BCEDiceLoss
+from carvana.training.streams import ordered_map
 
 IGNORE_INDEX = 255
 # The per-epoch columns of metrics.csv for a multi-class run (one row per epoch).
@@ -188,25 +192,34 @@ class MultiClassTask:
         """Logits (B, C, h, w) -> class probabilities (B, C, h, w)."""
         return torch.softmax(logits.float(), dim=1)
 
+    @torch.no_grad()  # grad mode is per thread: each stream's batch needs it itself
+    def _validation_batch(self, trainer: Any, batch: dict) -> tuple[float, np.ndarray, torch.Tensor, torch.Tensor]:
+        """One validation batch, on any stream: (summed loss, its confusion matrix at each
+        image's original resolution, the targets and the probabilities at network resolution)."""
+        images = trainer._images_to_device(batch["image"])
+        masks = self.target_to_device(batch["mask"], trainer.device)
+        logits = trainer.eval_forward(images)
+        loss = self.loss_fn(logits, masks).item() * images.shape[0]
+        probs = self.activate(logits)
+        cm = np.zeros((self.classes, self.classes), dtype=np.int64)
+        for prob, full in zip(probs, batch["full_mask"]):
+            cm += confusion_matrix(labels_at(prob, tuple(full.shape)).cpu().numpy(), full.numpy(), self.classes)
+        return loss, cm, masks, probs
+
     @torch.no_grad()
     def validate(self, trainer: Any, loader: Iterable[dict]) -> tuple[dict[str, float], Preview | None]:
-        """Loss and metrics over the validation set (sharded under torchrun, sums reduced)."""
+        """Loss and metrics over the validation set (sharded under torchrun, sums reduced). On a
+        CPU, ``trainer.streams`` batches are scored at once (training/streams.py), as binary
+        validation does; the sums do not depend on the order the batches finish in."""
         cm = np.zeros((self.classes, self.classes), dtype=np.int64)
         loss_sum, count, preview = 0.0, 0, None
         bar = tqdm(loader, desc="valid", leave=False, disable=trainer._bar_off, dynamic_ncols=True)  # none in logs
         with trainer.fixed_weights():  # an eval loop: the weights are checked once, here
-            for batch in bar:
-                images = trainer._images_to_device(batch["image"])
-                masks = self.target_to_device(batch["mask"], trainer.device)
-                logits = trainer.eval_forward(images)
-                loss_sum += self.loss_fn(logits, masks).item() * images.shape[0]
-                probs = self.activate(logits)
-                labels = []
-                for prob, full in zip(probs, batch["full_mask"]):
-                    label = labels_at(prob, tuple(full.shape)).cpu().numpy()
-                    cm += confusion_matrix(label, full.numpy(), self.classes)
-                    labels.append(label)
-                count += images.shape[0]
+            scored = ordered_map(partial(self._validation_batch, trainer), bar, trainer.streams)
+            for batch, (loss, batch_cm, masks, probs) in scored:
+                loss_sum += loss
+                cm += batch_cm
+                count += masks.shape[0]
                 if preview is None and trainer.preview_count > 0:
                     k = trainer.preview_count
                     # Previews hold class ids at network resolution: truth, and the prediction in `probs`.
@@ -226,8 +239,6 @@ class PerClassTableLogger(Callback):
     counts (rewritten atomically each epoch; rows of epochs past a resume point are replaced)."""
 
     def __init__(self, log_dir: Any) -> None:
-        from pathlib import Path
-
         self.path = Path(log_dir) / "per_class.csv"
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], preview: Preview | None) -> None:
@@ -238,7 +249,4 @@ class PerClassTableLogger(Callback):
         new = table.assign(epoch=epoch)[["epoch", *table.columns]]
         if old is not None:
             new = pd.concat([old[old["epoch"] < epoch], new], ignore_index=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        new.to_csv(tmp, index=False, float_format="%.6f")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, new.to_csv(index=False, float_format="%.6f"))
