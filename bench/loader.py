@@ -52,6 +52,7 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
     import carvana.data.datasets  # noqa: F401
+import carvana.data.resizing
 from carvana.data.mask_table import MASK_TABLE, mask_table_for
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
@@ -92,6 +93,8 @@ class Timers:
 
     def __init__(self, module: ModuleType) -> None:
         self.module = module
+        # cv2.resize runs in carvana.data.resizing (in the module itself in an older datasets.py).
+        self.cv2_users = [module, carvana.data.resizing]
         self.seconds: dict[str, float] = defaultdict(float)
         self.originals = {name: getattr(module, name) for name in self.WRAPPED if hasattr(module, name)}
 
@@ -115,14 +118,16 @@ class Timers:
 
             resize = staticmethod(timers._timed("resize", cv2.resize))
 
-        self.module.cv2 = TimedCv2()
+        for user in self.cv2_users:
+            user.cv2 = TimedCv2()
         if dataset.transform is not None:
             dataset.transform = _TimedTransform(dataset.transform, self._timed("augment", dataset.transform))
 
     def uninstall(self, dataset: Any) -> None:
         for name, fn in self.originals.items():
             setattr(self.module, name, fn)
-        self.module.cv2 = cv2
+        for user in self.cv2_users:
+            user.cv2 = cv2
         if isinstance(dataset.transform, _TimedTransform):
             dataset.transform = dataset.transform.inner
 

@@ -18,7 +18,6 @@ from carvana.data.datasets import (
     image_to_tensor,
     normalize_images,
     tensor_to_image,
-    jpeg_reduction,
     read_image,
     read_mask,
     resize_interpolation,
@@ -26,6 +25,7 @@ from carvana.data.datasets import (
     seed_worker,
     train_augmentation,
 )
+from carvana.data.jpeg import decode_scale
 
 H, W = 1280, 1918
 
@@ -54,8 +54,8 @@ def test_read_image_is_rgb_and_reduced_decoding_matches_size(tmp_path):
     assert r > 150 and g < 80 and b < 80  # BGR was converted to RGB
     quarter = read_image(image_path, reduction=4)
     assert quarter.shape == (H // 4, -(-W // 4), 3)
-    assert jpeg_reduction((H, W), (256, 384)) == 4
-    assert jpeg_reduction((H, W), (1024, 1024)) == 1
+    assert decode_scale((H, W), (256, 384)) == 4
+    assert decode_scale((H, W), (1024, 1024)) == 1
 
 
 def test_gif_mask_reads_as_zero_one(tmp_path):

@@ -130,7 +130,7 @@ def test_encode_rejects_non_2d() -> None:
 
 
 def test_format_ints_matches_str() -> None:
-    from carvana.data.rle import _format_ints
+    from carvana.data.rle_encoder import _format_ints
 
     edges = [0, 1, 9, 10, 99, 100, 999, 1000, 9999, 10000, 10001, 10010, 99999, 100000, 1000000, 9999999]
     rng = np.random.default_rng(5)
@@ -146,18 +146,18 @@ def test_format_ints_matches_str() -> None:
 
 
 def test_scratch_buffer_reuse_across_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import carvana.data.rle as rle
+    import carvana.data.rle_encoder as encoder
 
     rng = np.random.default_rng(11)
     shapes = [ORIG_SHAPE, (17, 31), (64, 64), ORIG_SHAPE, (3, 1000), ORIG_SHAPE]
     cases = [np.cumsum(rng.random(h * w) < 0.002).reshape(h, w) % 2 == 1 for h, w in shapes]
     for mask in cases:  # one thread, a big buffer reused for smaller masks and back
         assert rle_encode(mask) == reference_encode(mask)
-    monkeypatch.setattr(rle, "_SCRATCH_MAX", 0)  # too big to keep: a fresh buffer each call
-    monkeypatch.setattr(rle._scratch, "flags", None, raising=False)
+    monkeypatch.setattr(encoder, "_SCRATCH_MAX", 0)  # too big to keep: a fresh buffer each call
+    monkeypatch.setattr(encoder._scratch, "flags", None, raising=False)
     for mask in cases[:2]:
         assert rle_encode(mask) == reference_encode(mask)
-    assert rle._scratch.flags is None
+    assert encoder._scratch.flags is None
 
 
 def test_encode_from_many_threads() -> None:

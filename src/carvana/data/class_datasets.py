@@ -34,7 +34,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from carvana.data.datasets import ImageReadError, image_to_tensor, jpeg_size, read_for_input, resize_decoded
+from carvana.data.image_tensors import image_to_tensor
+from carvana.data.jpeg import ImageReadError, jpeg_size, read_for_input
+from carvana.data.resizing import resize_decoded
 from carvana.data.fetcher import DatasetLayoutError
 from carvana.data.sampling import sample_seed
 

@@ -1,4 +1,4 @@
-"""Train / test datasets: OpenCV JPEG decoding, GIF masks, resize, albumentations.
+"""Train / test datasets: items for the loaders, and the true masks they are trained on.
 
 Each item is a dict so the default collate keeps names next to tensors:
 
@@ -15,7 +15,10 @@ float32 on the device instead (the classifier does this).
 
 JPEGs are decoded at the DCT scale :func:`carvana.data.jpeg.decode_scale` picks for the
 input size (``fast_decode=True``, the default) or in full (``fast_decode=False``: exactly a
-full decode followed by :func:`resize`), then resized by :func:`resize_decoded`.
+full decode followed by :func:`carvana.data.resizing.resize`), then brought to the input size
+by :mod:`carvana.data.resizing`; :mod:`carvana.data.image_tensors` makes them tensors.
+A mask comes from ``train_masks.csv`` where it has the image's row, else from its GIF
+(:func:`true_mask`). Augmentation (:func:`train_augmentation`) runs at network resolution.
 """
 
 from __future__ import annotations
@@ -28,20 +31,21 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-# The JPEG readers live in carvana.data.jpeg; imported here too, where older code finds them.
-from carvana.data.jpeg import (ImageReadError, decode_scale, decoded_size, jpeg_reduction, jpeg_size,  # noqa: F401
-                               jpeg_truncated, read_for_input, read_image)
+# Helpers that live in jpeg, resizing and image_tensors are imported here too, where older code and
+# the pipeline find them. The items look them up on this module, so a test or bench/loader.py can
+# wrap one here (e.g. read_image, image_to_tensor).
+from carvana.data.image_tensors import (MEAN, STD, image_to_tensor, mirror_pad, normalize_images,  # noqa: F401
+                                        tensor_to_image)
+from carvana.data.jpeg import (ImageReadError, decode_scale, decoded_size, jpeg_size, jpeg_truncated,  # noqa: F401
+                               read_for_input, read_image)
 from carvana.data.mask_table import MASK_TABLE, mask_from_rle
+from carvana.data.resizing import (check_native_frame, fit_decoded, fit_to_input, resize, resize_decoded,  # noqa: F401
+                                   resize_interpolation, resize_mask)
 from carvana.data.sampling import sample_seed
-from carvana.data.layout import NATIVE_INPUT, ORIG_SHAPE, is_native
 
-# ImageNet statistics: a standard, harmless choice for normalising RGB inputs.
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
 
 def read_mask(path: Path) -> np.ndarray:
     """Read a Carvana GIF mask as uint8 0/1 (H, W)."""
@@ -64,124 +68,6 @@ def true_mask(image_path: Path, mask_path: Path, mask_rles: Mapping[str, str] | 
         return read_mask(mask_path)
     table = getattr(mask_rles, "path", MASK_TABLE)
     return mask_from_rle(rle, image_hw or jpeg_size(image_path), f"{table}, row {Path(image_path).name}")
-
-
-def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> uint8 (3, H, W), contiguous (normalised later, on the device)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-
-
-def normalize_images(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
-    """A uint8 (B, 3, H, W) batch -> float32 (x - mean) / std, on x's device.
-
-    ``mean``/``std`` are per channel on the 0..255 scale (the model config's; ImageNet's by
-    default). A float batch is taken to be normalised already and returned as is.
-    """
-    if x.dtype != torch.uint8:
-        return x
-    mean = torch.as_tensor(np.asarray(mean, np.float32), device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(np.asarray(std, np.float32), device=x.device).view(1, 3, 1, 1)
-    return (x.float() - mean) / std
-
-
-def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
-    """INTER_LINEAR when shrinking by less than 2x in both axes, else INTER_AREA.
-
-    Below 2x, bilinear sampling already reads every source pixel, so area averaging adds
-    next to no anti-aliasing (0.2-0.3 grey levels mean difference on Carvana images, under
-    0.01% of mask pixels) at ~8x its cost: 1918x1280 -> 1024x1024 takes ~24 ms with INTER_AREA,
-    ~3 ms with INTER_LINEAR. Stronger shrinking (small inputs) keeps INTER_AREA.
-    """
-    if src_hw[0] < 2 * dst_hw[0] and src_hw[1] < 2 * dst_hw[1]:
-        return cv2.INTER_LINEAR
-    return cv2.INTER_AREA
-
-
-def resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Resize an image to ``hw`` (H, W) with :func:`resize_interpolation`."""
-    h, w = hw
-    return cv2.resize(image, (w, h), interpolation=resize_interpolation(image.shape[:2], hw))
-
-
-def resize_decoded(image: np.ndarray, hw: tuple[int, int], orig_hw: tuple[int, int]) -> np.ndarray:
-    """Resize an image decoded from an ``orig_hw`` frame, possibly DCT-reduced, to ``hw`` (H, W).
-
-    A full-size image goes through :func:`resize`, unchanged. A reduced one (1/s of the frame,
-    each side rounded up: 1918 columns give 480 at 1/4, the last one covering 2 columns of
-    the frame) is resized with the frame's exact geometry: the scale factors are
-    ``hw * s / orig_hw`` (passed to cv2 as fx/fy) rather than ``hw / decoded size``, so every
-    output pixel samples the same place of the frame as after a full decode; the extra row
-    or column cv2 may round up to is cropped. Interpolation is :func:`resize_interpolation`'s
-    on the decoded size (bilinear below a 2x shrink, area above): the closest to full decode +
-    :func:`resize` of those measured (mean absolute differences: :mod:`carvana.data.jpeg`).
-    """
-    h, w = hw
-    if tuple(image.shape[:2]) == tuple(orig_hw):
-        return resize(image, hw)
-    scale = next((s for s in (2, 4, 8) if decoded_size(orig_hw, s) == tuple(image.shape[:2])), None)
-    if scale is None:
-        raise ValueError(f"a {image.shape[1]}x{image.shape[0]} image is no DCT scale of a "
-                         f"{orig_hw[1]}x{orig_hw[0]} frame")
-    out = cv2.resize(image, None, fx=w * scale / orig_hw[1], fy=h * scale / orig_hw[0],
-                     interpolation=resize_interpolation(image.shape[:2], hw))
-    if out.shape[0] < h or out.shape[1] < w:  # rounding cannot make it smaller; never hand back a wrong size
-        return cv2.resize(image, (w, h), interpolation=resize_interpolation(image.shape[:2], hw))
-    return np.ascontiguousarray(out[:h, :w])
-
-
-def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Resize a 0/1 uint8 mask to ``hw`` (H, W); the result is 0/1 again.
-
-    Resized as uint8, the interpolated value comes out rounded: the same pixels as a
-    float resize thresholded at 0.5, without converting the full-resolution mask to float
-    (exactly so for INTER_AREA; within 1e-3 of 0.5 for bilinear, which must be the
-    INTER_LINEAR_EXACT variant: plain INTER_LINEAR rounds between its passes, which on
-    0/1 values flips pixels interpolated as far as 0.17 from 0.5).
-    """
-    h, w = hw
-    interpolation = resize_interpolation(mask.shape[:2], hw)
-    if interpolation == cv2.INTER_LINEAR:
-        interpolation = cv2.INTER_LINEAR_EXACT
-    return cv2.resize(mask, (w, h), interpolation=interpolation)
-
-
-def fit_to_input(image: np.ndarray, hw: tuple[int, int], mask: bool = False) -> np.ndarray:
-    """An original-frame image or 0/1 mask at the network input size ``hw``.
-
-    At the native size (1280x1920) the 1918-wide frame is padded on the right by
-    reflection (cv2 BORDER_REFLECT_101, numpy's 'reflect'), never resized, so pixel (r, c)
-    stays pixel (r, c) and :func:`carvana.data.postprocess.crop_native` undoes it exactly.
-    Any other size is resized (:func:`resize` / :func:`resize_mask`).
-    """
-    if is_native(hw):
-        h, w = image.shape[:2]
-        if (h, w) != ORIG_SHAPE:
-            raise ValueError(f"native input {NATIVE_INPUT} expects {ORIG_SHAPE} frames, got {h}x{w}")
-        return cv2.copyMakeBorder(image, 0, hw[0] - h, 0, hw[1] - w, cv2.BORDER_REFLECT_101)
-    return resize_mask(image, hw) if mask else resize(image, hw)
-
-
-def fit_decoded(image: np.ndarray, hw: tuple[int, int], orig_hw: tuple[int, int]) -> np.ndarray:
-    """:func:`fit_to_input` for an image decoded from an ``orig_hw`` frame, possibly DCT-reduced
-    (native size: padded, and always decoded in full; else :func:`resize_decoded`)."""
-    return fit_to_input(image, hw) if is_native(hw) else resize_decoded(image, hw, orig_hw)
-
-
-def check_native_frame(path: Path, image: np.ndarray, hw: tuple[int, int]) -> None:
-    """At the native input size, an ImageReadError (naming the file and its size) for an image
-    that is not 1918x1280: padding needs the exact frame, so a test image gets an empty mask."""
-    if is_native(hw) and image.shape[:2] != ORIG_SHAPE:
-        raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, native-size prediction "
-                             f"({NATIVE_INPUT[1]}x{NATIVE_INPUT[0]}) needs {ORIG_SHAPE[1]}x{ORIG_SHAPE[0]}")
-
-
-def tensor_to_image(x: torch.Tensor) -> np.ndarray:
-    """For previews: a uint8 or normalised float (3, H, W) image -> uint8 (H, W, 3)."""
-    x = x.detach().cpu()
-    if x.dtype == torch.uint8:
-        return x.numpy().transpose(1, 2, 0).copy()
-    rgb = x.float().numpy().transpose(1, 2, 0) * STD + MEAN
-    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def train_augmentation(seed: int | None = None, crop: tuple[int, int] | None = None,
@@ -323,18 +209,3 @@ class TestImageDataset(Dataset):
             image, ok = np.zeros((h, w, 3), np.uint8), False
         return {"image": image_to_tensor(image), "name": Path(path).name, "ok": ok}
 
-
-def mirror_pad(x: torch.Tensor, margin: int) -> torch.Tensor:
-    """Mirror (reflect, edge not repeated) a (B, C, H, W) batch outwards by ``margin`` per side.
-
-    torch's reflect padding needs pad < side, so a small image is mirrored in rounds, as
-    the paper's overlap-tile strategy does at the image border.
-    """
-    left = margin
-    while left > 0:
-        step = min(left, x.shape[-1] - 1, x.shape[-2] - 1)
-        if step < 1:
-            raise ValueError(f"cannot mirror-pad a {x.shape[-2]}x{x.shape[-1]} image")
-        x = F.pad(x, (step, step, step, step), mode="reflect")
-        left -= step
-    return x

@@ -10,9 +10,9 @@ native input size (the frame is padded, never resized; crops are taken from that
 and for files that are not JPEGs. Masks (GIF / RLE) never come through here.
 
 The decoded image is then resized with the frame's exact geometry by
-:func:`carvana.data.datasets.resize_decoded` (bilinear below a 2x shrink of the decoded
+:func:`carvana.data.resizing.resize_decoded` (bilinear below a 2x shrink of the decoded
 image, area above). Mean absolute difference (0-255 scale, over 3 channels) from a full
-decode followed by ``datasets.resize``, on 48 real 1918x1280 Carvana photos (every 8th of
+decode followed by ``resizing.resize``, on 48 real 1918x1280 Carvana photos (every 8th of
 carvana-sample/train), per input size (scale):
 
 ==============  =====  ===========  ===========  =============  ============  ============
@@ -63,7 +63,7 @@ def decode_scale(orig_hw: tuple[int, int], target_hw: tuple[int, int], fast: boo
     the native input size (padded, not resized: crops come from the full frame).
 
     Decoding at 1/4 is ~5x faster than at full size, and since the image is downscaled anyway
-    the result stays close to a full decode (see ``datasets.resize_decoded`` for the numbers).
+    the result stays close to a full decode (see this module's docstring for the numbers).
     """
     if not fast or is_native(target_hw):
         return 1
@@ -72,11 +72,6 @@ def decode_scale(orig_hw: tuple[int, int], target_hw: tuple[int, int], fast: boo
         if orig_hw[0] // f >= target_hw[0] and orig_hw[1] // f >= target_hw[1]:
             scale = f
     return scale
-
-
-def jpeg_reduction(orig_hw: tuple[int, int], target_hw: tuple[int, int]) -> int:
-    """:func:`decode_scale` with fast decoding on (the name older code imports)."""
-    return decode_scale(orig_hw, target_hw, True)
 
 
 def decoded_size(orig_hw: tuple[int, int], scale: int) -> tuple[int, int]:
@@ -158,6 +153,6 @@ def read_scaled(path: Path, orig_hw: tuple[int, int], scale: int) -> np.ndarray:
 def read_for_input(path: Path, hw: tuple[int, int], fast_decode: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """(decoded RGB image, the frame's (H, W)) of an image read for a network input of ``hw``:
     a JPEG at :func:`decode_scale`'s scale for its own header size (1/8 .. full; full when
-    ``fast_decode`` is off), anything else in full; ``datasets.fit_decoded`` brings it to ``hw``."""
+    ``fast_decode`` is off), anything else in full; ``resizing.fit_decoded`` brings it to ``hw``."""
     orig_hw = jpeg_size(path)
     return read_scaled(path, orig_hw, decode_scale(orig_hw, hw, fast_decode)), orig_hw

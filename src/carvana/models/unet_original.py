@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from carvana.data.datasets import mirror_pad as _mirror_pad
+from carvana.data.image_tensors import mirror_pad as _mirror_pad
 
 DEPTH = 4  # number of 2x2 poolings
 CHANNELS = (64, 128, 256, 512, 1024)  # per level, the last one is the bottom
@@ -104,5 +104,5 @@ class UNetOriginal(nn.Module):
 
 
 def mirror_pad(x: torch.Tensor, margin: int = MARGIN) -> torch.Tensor:
-    """``carvana.data.datasets.mirror_pad`` with this network's margin as the default."""
+    """``carvana.data.image_tensors.mirror_pad`` with this network's margin as the default."""
     return _mirror_pad(x, margin)

@@ -72,10 +72,7 @@ def run_binary(session: Session, plan: str) -> int:
     elif plan == FOLDS:  # --no-train: the run's fold models as they are (nothing labeled, scored or removed)
         paths, threshold = fold_models(session, threshold, info)
     elif plan == PREDICT:
-        paths = [Path(hp.checkpoint) if hp.checkpoint else session.models_dir / "best.pt"]
-        if not hp.checkpoint and not paths[0].exists():
-            raise PlanError(f"--no-train needs weights: {paths[0]} does not exist; pass --checkpoint PATH "
-                            "or the --run-name of a trained run")
+        paths = [session.prediction_weights()]
         state = load_checkpoint(paths[0])
         check_settings_match(model_config_of(state, paths[0]), {k: getattr(hp, k) for k in session.given}, paths[0])
         if "threshold" not in session.given:  # the threshold the checkpoint's run chose (--threshold auto)

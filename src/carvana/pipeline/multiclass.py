@@ -84,16 +84,13 @@ def run_multiclass(session: Session, plan: str) -> int:
     hp = session.hp
     data = class_data(session)
     session.timer("data")
-    weights = Path(hp.checkpoint) if hp.checkpoint else session.models_dir / "best.pt"
     if plan == SINGLE:
         split = (data.train_images, data.train_masks, data.valid_images, data.valid_masks)
         classifier = train_model(hp, session.device, data, split, session.models_dir, session.log_dir, session.run,
                                  extra=[PerClassTableLogger(session.log_dir), *session.callbacks])
         dist.barrier()  # rank 0 has written best.pt
         epochs = classifier.epoch + 1
-    elif not weights.exists() and not hp.checkpoint:
-        raise PlanError(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
-                        "or the --run-name of a trained run")
+    weights = session.prediction_weights()
     session.timer("train")
     info = {"run": session.run, "data": data.source, "classes": data.classes, "class_names": data.class_names,
             "weights": str(weights), "train_images": len(data.train_images), "valid_images": len(data.valid_images),

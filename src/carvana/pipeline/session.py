@@ -89,6 +89,15 @@ class Session:
     def log_dir(self) -> Path:
         return logs_dir(self.run)
 
+    def prediction_weights(self) -> Path:
+        """What --no-train predicts with: --checkpoint, else the run's best.pt, which must
+        exist (PlanError naming it otherwise)."""
+        weights = Path(self.hp.checkpoint) if self.hp.checkpoint else self.models_dir / "best.pt"
+        if not self.hp.checkpoint and not weights.exists():
+            raise PlanError(f"--no-train needs weights: {weights} does not exist; pass --checkpoint PATH "
+                            "or the --run-name of a trained run")
+        return weights
+
     def record_name(self, name: str) -> Path:
         """``<log_dir>/<name>.json`` for a training run, ``predict_<name>.json`` for --no-train (which
         often works under the training run's name and must keep its records)."""

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from carvana.data.datasets import (ImageReadError, check_native_frame, decode_scale, fit_decoded, image_to_tensor,
-                                   jpeg_size)
-from carvana.data.jpeg import read_scaled
+from carvana.data.image_tensors import image_to_tensor
+from carvana.data.jpeg import ImageReadError, decode_scale, jpeg_size, read_scaled
+from carvana.data.resizing import check_native_frame, fit_decoded
 from carvana.data.layout import ORIG_SHAPE, is_native
-from carvana.models.registry import ModelConfig, output_size as data_size
+from carvana.models.registry import ModelConfig, output_size
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList
 from carvana.training.evaluation import batch_probabilities
@@ -115,9 +115,11 @@ def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | 
     return members
 
 
-def output_size(input_hw: tuple[int, int]) -> tuple[int, int]:
-    """The probability map size a model of this input size produces (native: cropped)."""
-    return ORIG_SHAPE if is_native(input_hw) else tuple(input_hw)
+def prediction_size(data_hw: tuple[int, int]) -> tuple[int, int]:
+    """The size of the probability maps predicted for images of ``data_hw``: that size, except at
+    the native input size, whose padding is cropped off (1280x1918). Not the network's output
+    size, which is ``models.registry.output_size(config)`` (its input minus the margin)."""
+    return ORIG_SHAPE if is_native(data_hw) else tuple(data_hw)
 
 
 def size_key(hw: Sequence[int]) -> str:
@@ -169,8 +171,8 @@ class EnsemblePredictor:
         self.device = self.members[0].classifier.device
         # Images are resized to each member's data size (its output); a valid-convolution net
         # (unet-original) mirror-pads them to its larger input itself, as in training.
-        self.sizes = [data_size(m.config) for m in self.members]
-        self.output_hw = max((output_size(s) for s in self.sizes), key=lambda hw: (hw[0] * hw[1], hw))
+        self.sizes = [output_size(m.config) for m in self.members]
+        self.output_hw = max((prediction_size(s) for s in self.sizes), key=lambda hw: (hw[0] * hw[1], hw))
         self.progress = progress and dist.is_main_process()
         self.streams = self.members[0].classifier.streams
 
@@ -188,7 +190,7 @@ class EnsemblePredictor:
         member has a single model's components, so its submission resumes and matches as that
         model's own."""
         if len(self.members) == 1:
-            return single_model_settings(self.members[0].classifier, data_size(self.members[0].config), tta,
+            return single_model_settings(self.members[0].classifier, output_size(self.members[0].config), tta,
                                          fast_decode)
         return {
             "tta": bool(tta), "fast_decode": bool(fast_decode), "ensemble_resolution": list(self.output_hw),
@@ -212,7 +214,7 @@ class EnsemblePredictor:
         Call inside :meth:`fixed_weights`; safe on several threads."""
         acc = None
         for m in self.members:
-            sub = {"image": batch[size_key(data_size(m.config))], "name": batch["name"], "ok": batch["ok"]}
+            sub = {"image": batch[size_key(output_size(m.config))], "name": batch["name"], "ok": batch["ok"]}
             p = batch_probabilities(m.classifier, sub, tta).float()
             if len(self.members) == 1:
                 return p  # byte-identical to the model's own prediction

@@ -4,7 +4,8 @@ The test set has ~100k images; at 1918x1280 their masks would take ~250 GB, so
 ``PredictionsSaverCallback`` never keeps more than a bounded number of them:
 each batch's probability maps are upsampled, thresholded and run-length encoded
 by a small thread pool (cv2 and numpy release the GIL, so this overlaps with
-the model's next forward pass), and rows are written chunk by chunk by
+the model's next forward pass; :class:`carvana.submission.chunk_pipeline.ChunkPipeline`
+keeps them in order), and rows are written chunk by chunk by
 :class:`carvana.submission.gzip_stream.ChunkedGzipWriter` (one gzip member, a full
 flush per chunk; see there for the on-disk format).
 
@@ -31,13 +32,12 @@ import logging
 import math
 import os
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from carvana.training.callbacks import Callback
 from carvana.data.layout import SUBMISSION_HEADER
+from carvana.submission.chunk_pipeline import ChunkPipeline
 from carvana.submission.fingerprint import (check_finished, file_sha256, fingerprint_of, marker_path,
                                             prediction_components)
 from carvana.submission.gzip_stream import (COMPRESS_LEVEL, ChunkedGzipWriter, SubmissionWriteError,
@@ -119,8 +119,7 @@ class PredictionsSaverCallback(Callback):
         identity = {"fingerprint": self.fingerprint, "components": self.components}
         self._file = ChunkedGzipWriter(self.partial_path, self.sidecar_path, identity, gzip_member=not raw)
 
-        self.rows_written = 0
-        self.postprocess_seconds = 0.0
+        self._upsample_seconds = 0.0  # this thread's share of postprocess_seconds
         self.already_complete, why_not = check_finished(self.path, identity)
         if self.already_complete:
             self.chunks_done = self.n_chunks
@@ -133,14 +132,21 @@ class PredictionsSaverCallback(Callback):
         self.progress = ProgressLine(len(names) - self.rows_resumed, "prediction, this rank's shard" if raw
                                      else "prediction", progress_interval_s)
         self._next = self.rows_resumed  # index of the next name expected from the model
-        self._pending: deque[Future[tuple[str, float]]] = deque()
-        self._rows: list[str] = []  # collected rows of the chunk being assembled
-        self._chunks_queued = self.chunks_done  # chunks handed to the writer
-        self._write: Future[int] | None = None  # the one chunk write that may be in flight
-        self._pool: ThreadPoolExecutor | None = None
-        self._writer: ThreadPoolExecutor | None = None
+        # _append_chunk is looked up per chunk, not bound once, so a test can wrap it on the class.
+        self._chunks = ChunkPipeline(lambda index, rows: self._append_chunk(index, rows), len(names), chunk_size,
+                                     self.chunks_done, workers, max_pending)
         self._closed = False  # finished or stopped: no more batches
         self._stopped = False  # cleaned up and reported (on_exception) or finished
+
+    @property
+    def rows_written(self) -> int:
+        """Rows appended to the file by this instance (resumed rows not counted)."""
+        return self._chunks.rows_written
+
+    @property
+    def postprocess_seconds(self) -> float:
+        """Upsample + threshold + encode time, summed over the threads that did it."""
+        return self._upsample_seconds + self._chunks.seconds
 
     # ----------------------------------------------------------------- resume
     def _recover(self) -> int:
@@ -176,14 +182,11 @@ class PredictionsSaverCallback(Callback):
             )
 
         is_mask, arrays, seconds = to_arrays(probs, self.threshold, self.gpu_upsample)
-        self.postprocess_seconds += seconds
-        pool = self._ensure_pools()
+        self._upsample_seconds += seconds
         for name, arr in zip(names, arrays):
-            self._pending.append(pool.submit(_encode_row, name, arr, self.threshold, is_mask))
+            self._chunks.submit(_encode_row, name, arr, self.threshold, is_mask)
         self._next += len(names)
-        # Collect whatever finished (in order), then block on the oldest while over the bound.
-        while self._pending and (self._pending[0].done() or len(self._pending) > self.max_pending):
-            self._collect_oldest()
+        self._chunks.collect()  # what finished, in order; blocks on the oldest while over max_pending
         self.progress.advance(len(names))
 
     def on_predict_start(self, trainer: Any) -> None:
@@ -215,9 +218,7 @@ class PredictionsSaverCallback(Callback):
             raise
 
     def _finish(self) -> None:
-        while self._pending:
-            self._collect_oldest()
-        self._wait_write()
+        self._chunks.drain()
         self._shutdown()
         if self.chunks_done != self.n_chunks:
             raise RuntimeError(f"internal error: {self.chunks_done} of {self.n_chunks} chunks written")
@@ -248,12 +249,9 @@ class PredictionsSaverCallback(Callback):
         if self._stopped:
             return
         self._stopped = True
-        for fut in self._pending:
-            fut.cancel()
-        self._pending.clear()
-        self._rows.clear()
+        self._chunks.cancel()
         try:
-            self._wait_write()  # a complete chunk already being written is kept
+            self._chunks.wait_write()  # a complete chunk already being written is kept
         except Exception as e:  # the original exception matters more; just report this one
             log.warning("writing the last complete chunk failed: %s", e)
         self._shutdown()
@@ -272,35 +270,9 @@ class PredictionsSaverCallback(Callback):
         )
 
     # ----------------------------------------------------------------- internals
-    def _ensure_pools(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rle")
-            # One writer thread keeps chunks in order and off the main thread.
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="submit-writer")
-        return self._pool
-
     def _shutdown(self) -> None:
         self._closed = True
-        for ex in (self._pool, self._writer):
-            if ex is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
-
-    def _collect_oldest(self) -> None:
-        row, seconds = self._pending.popleft().result()
-        self.postprocess_seconds += seconds
-        self._rows.append(row)
-        start = self._chunks_queued * self.chunk_size
-        if len(self._rows) == min(self.chunk_size, len(self.names) - start):
-            rows, self._rows = self._rows, []
-            self._wait_write()  # at most one chunk in flight keeps memory flat
-            assert self._writer is not None
-            self._write = self._writer.submit(self._append_chunk, self._chunks_queued, rows)
-            self._chunks_queued += 1
-
-    def _wait_write(self) -> None:
-        if self._write is not None:
-            write, self._write = self._write, None
-            self.rows_written += write.result()
+        self._chunks.shutdown()
 
     def _append_chunk(self, index: int, rows: list[str]) -> int:
         """Writer thread: append chunk ``index`` (fsynced, then recorded in the sidecar)."""

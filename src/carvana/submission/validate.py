@@ -1,36 +1,33 @@
 """Kaggle submission files: read, validate and score ``img,rle_mask`` CSVs.
 
-A submission is a CSV (plain, or gzip when it starts with the gzip magic bytes;
-a ``.gz`` name must be gzip) with the header ``img,rle_mask`` and one
-``<image name>,<RLE>`` row per test image.  Everything here streams the file
-row by row and works on run arrays (never full 1918x1280 masks), so the full
-100,064-row, ~1 GB competition file validates in seconds.
+This module validates a submission, gates the upload on that, and is the command line for
+all three; reading the CSVs is carvana.submission.reading, local scoring
+carvana.submission.scoring. Validation streams the file row by row and works on run arrays
+(never full 1918x1280 masks), so the full 100,064-row, ~1 GB competition file validates in
+seconds.
 
 CLI::
 
     python -m carvana.submission validate FILE --sample-submission CSV   # exit 1 if invalid
     python -m carvana.submission score FILE --solution CSV               # prints the mean Dice
+    python -m carvana.submission upload FILE --sample-submission CSV -m MESSAGE
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
-import io
 import sys
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from carvana.data.layout import ORIG_SHAPE, SUBMISSION_HEADER
+from carvana.data.layout import ORIG_SHAPE
 from carvana.data.rle import RLEError, rle_to_runs
-
-HEADER_LINE = ",".join(SUBMISSION_HEADER)
+# Reading and scoring were in this module once; their names are imported from here too.
+from carvana.submission.reading import (HEADER_LINE, SubmissionError, expected_names, iter_lines,  # noqa: F401
+                                        read_submission, split_row)
+from carvana.submission.scoring import dice_from_runs, score_submission  # noqa: F401
 
 # Problem kinds, in report order, with what each means.
 PROBLEM_KINDS = {
@@ -47,85 +44,6 @@ PROBLEM_KINDS = {
     "order": "RLE starts not increasing / runs overlapping",
     "touching": "RLE run touching the previous one (not merged)",
 }
-
-
-class SubmissionError(ValueError):
-    """A submission or solution file that cannot be used; the message names the file."""
-
-
-def _open_text(path: Path) -> io.TextIOWrapper:
-    """Open a CSV as text, transparently gunzipping it."""
-    try:
-        raw = path.open("rb")
-    except OSError as exc:
-        raise SubmissionError(f"{path}: cannot open: {exc.strerror or exc}") from exc
-    magic = raw.read(2)
-    raw.seek(0)
-    if magic == b"\x1f\x8b":
-        raw.close()
-        stream = gzip.open(path, "rb")  # owns (and closes) its file, unlike GzipFile(fileobj=)
-    elif path.suffix == ".gz":
-        raw.close()
-        raise SubmissionError(f"{path}: named .gz but is not a gzip file (starts with {magic!r})")
-    else:
-        stream = raw
-    # utf-8-sig: a BOM written by some editors is not part of the header
-    return io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)
-
-
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line without its newline); read errors -> SubmissionError."""
-    path = Path(path)
-    line_no = 0
-    with _open_text(path) as text:
-        try:
-            for line_no, line in enumerate(text, 1):
-                yield line_no, line.rstrip("\n")
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-            what = "gzip data" if isinstance(exc, (OSError, EOFError, zlib.error)) else "text"
-            raise SubmissionError(f"{path}: unreadable {what} after line {line_no}: {exc}") from exc
-
-
-def split_row(line: str) -> list[str]:
-    """'name,rle' -> [name, rle]; quoted fields (rare) go through the csv module."""
-    if '"' in line:
-        return next(csv.reader([line]), [])
-    return line.split(",")
-
-
-def read_submission(path: str | Path) -> dict[str, str]:
-    """Read a whole submission (or solution) as {image name: RLE string}, in file order.
-
-    Checks the header and the row shape and rejects duplicate names; the RLE
-    strings themselves are returned unchecked (see ``validate_submission``).
-    """
-    rows: dict[str, str] = {}
-    header_seen = False
-    for line_no, line in iter_lines(path):
-        if line_no == 1:
-            if line != HEADER_LINE:
-                raise SubmissionError(f"{path}: header is {line[:60]!r}, expected {HEADER_LINE!r}")
-            header_seen = True
-            continue
-        if not line:
-            continue
-        fields = split_row(line)
-        if len(fields) != 2:
-            raise SubmissionError(f"{path}: line {line_no}: expected 2 fields, got {len(fields)}")
-        if fields[0] in rows:
-            raise SubmissionError(f"{path}: line {line_no}: duplicate row for {fields[0]!r}")
-        rows[fields[0]] = fields[1]
-    if not header_seen:
-        raise SubmissionError(f"{path}: empty file, expected the header {HEADER_LINE!r}")
-    return rows
-
-
-def expected_names(sample_submission_csv: str | Path) -> list[str]:
-    """The image names of a sample submission, in file order (at least one)."""
-    names = list(read_submission(sample_submission_csv))
-    if not names:
-        raise SubmissionError(f"{sample_submission_csv}: no image rows after the header")
-    return names
 
 
 @dataclass
@@ -216,76 +134,12 @@ def validate_submission(
     return SubmissionReport(str(path), not counts, n_rows, len(expected_set), counts, examples)
 
 
-def dice_from_runs(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice 2|A∩B| / (|A|+|B|) of two masks given as sorted, disjoint runs; 1.0 if both are empty.
-
-    |A∩B| = |A| + |B| - |A∪B|, and the union of the merged, start-sorted runs is
-    measured with a running maximum of run ends: O(k log k), no mask decoded.
-    """
-    size_a, size_b = int(a[:, 1].sum()), int(b[:, 1].sum())
-    if size_a + size_b == 0:
-        return 1.0
-    if size_a == 0 or size_b == 0:
-        return 0.0
-    both = np.concatenate([a, b])
-    both = both[np.argsort(both[:, 0], kind="stable")]
-    starts, ends = both[:, 0], both[:, 0] + both[:, 1]  # [start, end), 1-indexed
-    covered = np.maximum.accumulate(ends)  # furthest end among the runs so far
-    fresh = np.maximum(ends[1:] - np.maximum(starts[1:], covered[:-1]), 0)  # newly covered pixels
-    union = int(ends[0] - starts[0]) + int(fresh.sum())
-    return 2.0 * (size_a + size_b - union) / (size_a + size_b)
-
-
-def score_submission(
-    submission_path: str | Path, solution_path: str | Path, shape: tuple[int, int] = ORIG_SHAPE
-) -> float:
-    """Mean Dice of the submission over the solution's images (the competition metric).
-
-    Rows of the submission for images not in the solution are ignored, so a
-    full submission can be scored on a labelled subset.  A solution image with
-    no row, a duplicate row, or a malformed RLE raises ``SubmissionError``.
-    """
-    n_pixels = shape[0] * shape[1]
-    truth = {}
-    for name, rle in read_submission(solution_path).items():
-        try:
-            truth[name] = rle_to_runs(rle, n_pixels, strict=False)
-        except RLEError as exc:
-            raise SubmissionError(f"{solution_path}: {name}: {exc}") from exc
-    if not truth:
-        raise SubmissionError(f"{solution_path}: no images to score")
-    scores: dict[str, float] = {}
-    for line_no, line in iter_lines(submission_path):
-        if line_no == 1:
-            if line != HEADER_LINE:
-                raise SubmissionError(f"{submission_path}: header is {line[:60]!r}, expected {HEADER_LINE!r}")
-            continue
-        fields = split_row(line)
-        if len(fields) != 2 or fields[0] not in truth:
-            continue
-        name, rle = fields
-        if name in scores:
-            raise SubmissionError(f"{submission_path}: line {line_no}: duplicate row for {name}")
-        try:
-            runs = rle_to_runs(rle, n_pixels, strict=False)
-        except RLEError as exc:
-            raise SubmissionError(f"{submission_path}: line {line_no}, {name}: {exc}") from exc
-        scores[name] = dice_from_runs(runs, truth[name])
-    missing = [name for name in truth if name not in scores]
-    if missing:
-        raise SubmissionError(
-            f"{submission_path}: {len(missing)} of the solution's {len(truth)} images have no row "
-            f"(first: {', '.join(missing[:5])})"
-        )
-    return float(np.mean(list(scores.values())))
-
-
 def upload_submission(path: str | Path, expected: Sequence[str], message: str, api: Any = None) -> Any:
     """Validate ``path`` against ``expected`` and upload it to Kaggle only if it passes.
 
     Raises SubmissionError (with the full report) for an invalid file: nothing is sent.
     Kaggle's own errors (no credentials, 401, 403 rules not accepted) come from
-    carvana.kaggle_client with what to do about them.
+    carvana.data.kaggle_client with what to do about them.
     """
     from carvana.data.kaggle_client import submit  # imported late: validation needs no kaggle package
 

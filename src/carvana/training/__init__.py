@@ -6,10 +6,11 @@
   tasks             - the task every classifier delegates to: BinaryTask (Carvana), MultiClassTask (CE + Dice, IoU)
   checkpoint        - atomic last/best checkpoints that describe their model
   optim             - optimiser and LR-schedule factories by name
-  inference         - CPU eval copies: BatchNorm folded into convolutions, weights cast once, pools without indices
+  inference         - CPU eval copies (BatchNorm folded, weights cast once, pools without indices); eval_logits
   streams           - CPU evaluation streams: one batch per core at once, results in order
   evaluation        - the binary validation and the prediction loop (functions of the trainer)
-  classifier        - CarvanaClassifier: the training loop; validate / predict delegate to evaluation
+  epoch             - the steps of one training epoch (a function of the trainer, as evaluation's are)
+  classifier        - CarvanaClassifier: the training loop; epoch steps, validate / predict delegate
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
 
 Imports carvana.data and carvana.models only.

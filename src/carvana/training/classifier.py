@@ -3,31 +3,31 @@
 Device handling is in one place here: mixed precision and channels_last where they pay
 (bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, channels_last on both; chosen in
 training/precision.py), and on CUDA non-blocking copies and optionally torch.compile. Loss, metric and
-thresholded masks are always computed in fp32 from the logits.
+thresholded masks are always computed in fp32 from the logits. The steps of one training epoch
+are training/epoch.py; validation and prediction training/evaluation.py.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, encoder_of
-from carvana.data.datasets import mirror_pad
+from carvana.data.image_tensors import mirror_pad, normalize_images
 from carvana.training.callbacks import Callback, CallbackList, Preview
+from carvana.training import epoch as epoch_steps
 from carvana.training import evaluation
-from carvana.data.datasets import normalize_images
 from carvana.training.losses import BCEDiceLoss
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
-from carvana.training.inference import cpu_inference_copy
-from carvana.training.precision import choose_precision, use_channels_last
+from carvana.training.inference import cpu_inference_copy, eval_logits
+from carvana.training.precision import autocast_context, choose_precision, use_channels_last
 from carvana.training.streams import choose_eval_streams
 from carvana.training.tasks import BinaryTask
 
@@ -135,17 +135,12 @@ class CarvanaClassifier:
         # nohup), where every refresh would be a new line; the epoch line says enough there.
         return None if self.progress else True
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+    def _autocast(self) -> AbstractContextManager:
+        return autocast_context(self.device.type, self.amp_dtype)
 
     def eval_forward(self, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the network in eval mode: what validation and prediction run."""
-        if self.inference is not None:
-            return self.inference.forward(self.model, images)
-        with self._autocast():
-            return self.eval_net(images).float()
+        return eval_logits(self.eval_net, self.model, images, self.inference, self.device.type, self.amp_dtype)
 
     def fixed_weights(self):
         """Context for an eval loop: puts the network in eval mode; the weights don't change
@@ -254,47 +249,8 @@ class CarvanaClassifier:
 
     def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int]:
         """One pass (or, under --time-budget, what the budget leaves of it): (mean loss, images seen
-        by this process)."""
-        self.net.train()
-        frozen = self.encoder is not None and epoch < self.freeze_encoder_epochs
-        if frozen:  # fine-tuning: the encoder keeps its weights and its BatchNorm statistics
-            self.encoder.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=self._bar_off, dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            images, masks = self._images_to_device(batch["image"]), self._masks_to_device(batch["mask"])
-            with self._autocast():
-                logits = self.net(images)
-            loss = self.loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
-            # Agreed over all ranks before backward: a rank that stopped alone would leave the
-            # others waiting forever in DDP's gradient all-reduce.
-            bad_ranks = dist.ranks_where(~torch.isfinite(loss.detach()))
-            if bad_ranks:
-                where = "" if not dist.is_distributed() else f" on rank(s) {', '.join(map(str, bad_ranks))}"
-                raise FloatingPointError(
-                    f"loss is not finite{where} at epoch {epoch + 1}, step {step + 1}: training stopped on every "
-                    "rank, the last good checkpoint is left intact. Lower the learning rate, turn AMP off or "
-                    "enable --grad-clip."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if frozen:  # no update, no weight decay: AdamW skips parameters without a gradient
-                for p in self.encoder.parameters():
-                    p.grad = None
-            if self.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            total += loss.detach() * images.shape[0]
-            count += images.shape[0]
-            if self.progress:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.time_budget > 0 and self._budget_check():  # validate what we have, then stop
-                break
-        # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
-        dist.broadcast_buffers(self.model)
-        return dist.all_reduce_mean(total, count), count
+        by this process). The steps are training/epoch.py's."""
+        return epoch_steps.train_one_epoch(self, loader, epoch, epochs)
 
     def _step_scheduler(self, metrics: dict[str, float]) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -15,7 +15,8 @@ The copy is made from the live model and brought up to date whenever one of its 
 or buffers changed (torch's in-place version counters move with every optimiser step,
 ``copy_`` and ``load_state_dict``), so it is never stale: refreshed in place where the
 model's layout is the same, rebuilt where it is not. Checkpoints are always written from
-the fp32 model; nothing here touches it.
+the fp32 model; nothing here touches it. :func:`eval_logits` is the one eval forward: through
+the copy on the CPU, under autocast elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from carvana.training.precision import use_channels_last
+from carvana.training.precision import autocast_context, use_channels_last
 
 
 # Library classes whose forward applies bn directly to conv's output (their source says so),
@@ -224,3 +225,17 @@ def cpu_inference_copy(device: torch.device, dtype: torch.dtype | None, channels
         return None
     inference_cl = use_channels_last(device, channels_last, inference=True)
     return InferenceCopy(dtype, torch.channels_last if inference_cl else torch.contiguous_format)
+
+
+def eval_logits(net: nn.Module, model: nn.Module, images: torch.Tensor, inference: InferenceCopy | None,
+                device_type: str, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """fp32 logits of a network in eval mode: what validation, prediction and ``segment`` run.
+
+    Through ``inference`` (the CPU copy of ``model``, see :func:`cpu_inference_copy`) where there
+    is one; else ``net`` (``model`` itself, or its compiled form) under ``device_type`` autocast to
+    ``amp_dtype`` (none for None). CarvanaClassifier.eval_forward and carvana.segment both call this.
+    """
+    if inference is not None:
+        return inference.forward(model, images)
+    with autocast_context(device_type, amp_dtype):
+        return net(images).float()

@@ -15,6 +15,7 @@ activations: parameters, gradients, optimiser state and therefore checkpoints st
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def choose_precision(device: torch.device, amp: bool) -> Precision:
             return Precision(torch.bfloat16, "bf16", f"CPU has native bf16: {', '.join(flags)}")
         return Precision(None, "fp32", "CPU without native bf16 (no amx_bf16 / avx512_bf16): emulated bf16 is slower")
     return Precision(None, "fp32", f"no mixed precision on {device.type}")
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device_type`` ("cuda", "cpu"); a no-op for None (fp32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def use_channels_last(device: torch.device, requested: bool, inference: bool = False) -> bool:

@@ -1,0 +1,71 @@
+"""One training epoch of a CarvanaClassifier: its steps, and agreeing on a bad loss across ranks.
+
+A function of the trainer, as its eval loops (training/evaluation.py) are. Each step: images and
+masks to the device, forward under autocast, the loss in fp32, a check that the loss is finite
+on every rank (before backward, so no rank waits alone in DDP's all-reduce), backward through
+the gradient scaler, optional gradient clipping, the optimiser step. Under ``--freeze-encoder-epochs``
+the encoder keeps its weights and BatchNorm statistics; under ``--time-budget`` the epoch stops
+at the step that spends the budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from carvana.training import distributed as dist
+
+
+def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int]:
+    """One pass over ``loader`` (or, under --time-budget, what the budget leaves of it): (mean loss,
+    images seen by this process)."""
+    trainer.net.train()
+    frozen = trainer.encoder is not None and epoch < trainer.freeze_encoder_epochs
+    if frozen:  # fine-tuning: the encoder keeps its weights and its BatchNorm statistics
+        trainer.encoder.eval()
+    total, count = torch.zeros((), device=trainer.device), 0
+    bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
+        with trainer._autocast():
+            logits = trainer.net(images)
+        loss = trainer.loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
+        check_finite_everywhere(loss, epoch, step)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.scaler.scale(loss).backward()
+        if frozen:  # no update, no weight decay: AdamW skips parameters without a gradient
+            for p in trainer.encoder.parameters():
+                p.grad = None
+        if trainer.grad_clip > 0:
+            trainer.scaler.unscale_(trainer.optimizer)
+            nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.grad_clip)
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        total += loss.detach() * images.shape[0]
+        count += images.shape[0]
+        if trainer.progress:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if trainer.time_budget > 0 and trainer._budget_check():  # validate what we have, then stop
+            break
+    # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
+    dist.broadcast_buffers(trainer.model)
+    return dist.all_reduce_mean(total, count), count
+
+
+def check_finite_everywhere(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """A FloatingPointError on every rank when the loss is not finite on any of them.
+
+    Agreed over all ranks before backward: a rank that stopped alone would leave the others
+    waiting forever in DDP's gradient all-reduce.
+    """
+    bad_ranks = dist.ranks_where(~torch.isfinite(loss.detach()))
+    if bad_ranks:
+        where = "" if not dist.is_distributed() else f" on rank(s) {', '.join(map(str, bad_ranks))}"
+        raise FloatingPointError(
+            f"loss is not finite{where} at epoch {epoch + 1}, step {step + 1}: training stopped on every "
+            "rank, the last good checkpoint is left intact. Lower the learning rate, turn AMP off or "
+            "enable --grad-clip."
+        )
