@@ -65,7 +65,7 @@ def find_pairs(data: Path, count: int, tmp: Path) -> tuple[list[Path], list[Path
     if images:
         print(f"images from {data}")
     else:
-        from carvana.data.demo_data import write_demo_dataset
+        from carvana.data.demo.dataset import write_demo_dataset
 
         print(f"note: no images in {data}; using a generated demo dataset instead")
         data = write_demo_dataset(tmp / "demo", n_train_cars=2, n_test_cars=1)

@@ -89,7 +89,7 @@ def find_images(data: Path, count: int, tmp: Path) -> list[Path]:
     """``count`` JPEGs with unique names: the real sample's test/ then train/, else demo data."""
     pool = sorted((data / "test").glob("*.jpg")) + sorted((data / "train").glob("*.jpg")) if data.is_dir() else []
     if not pool:
-        from carvana.data.demo_data import write_demo_dataset
+        from carvana.data.demo.dataset import write_demo_dataset
 
         print(f"note: no images in {data}; using a generated demo dataset instead")
         demo = write_demo_dataset(tmp / "demo", n_train_cars=2, n_test_cars=1)

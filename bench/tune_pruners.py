@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from carvana.data.demo_data import write_demo_dataset  # noqa: E402
+from carvana.data.demo.dataset import write_demo_dataset  # noqa: E402
 FIXED = ["--input-size", "64x128", "--epochs", "12", "--workers", "0"]
 
 

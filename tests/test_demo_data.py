@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carvana.data import demo_data
-from carvana.data.demo_car import demo_cars, draw_background, draw_car, random_car
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo import dataset as demo_data
+from carvana.data.demo.car import demo_cars, draw_background, draw_car, random_car
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.data.layout import ORIG_HEIGHT, ORIG_SHAPE, ORIG_WIDTH
 from carvana.data.rle import rle_decode
 

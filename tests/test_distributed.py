@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint
 from carvana.training.classifier import CarvanaClassifier
 from carvana.data.datasets import TrainImageDataset
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.training.distributed import ShardSampler
-from carvana.data.fetcher import DatasetFetcher
+from carvana.data.sources.fetcher import DatasetFetcher
 from carvana.models.unet1024 import UNet1024
 from carvana.submission.fingerprint import marker_path
 from carvana.submission.gzip_stream import ChunkedGzipWriter, deflate_chunk

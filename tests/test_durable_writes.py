@@ -188,7 +188,7 @@ def test_writers_on_several_threads_never_share_a_temp_name(tmp_path):
 
 
 def test_segment_outputs_an_onnx_export_and_mounted_links_are_replaced_durably(tmp_path, io_log):
-    from carvana.data import mounted
+    from carvana.data.sources import mounted
     from carvana.data.photos import output_paths, write_outputs
     from carvana.export import export_onnx
     from carvana.models.registry import ModelConfig, build_model

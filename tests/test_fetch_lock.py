@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from carvana.data.fetcher import DatasetFetcher, DatasetLayoutError
+from carvana.data.sources.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.layout import COMPETITION
 from carvana.pipeline.session import user_message
 from test_fetcher import FakeApi, competition_zips, layout_files
@@ -22,7 +22,7 @@ from test_kaggle_notebook import EXPECTED, isolated, make_mount, point_at  # noq
 HOLDER = """
 import sys
 from pathlib import Path
-from carvana.data.archives import fetch_lock
+from carvana.data.sources.archives import fetch_lock
 with fetch_lock(Path(sys.argv[1])) as held:
     print("locked" if held else "not held", flush=True)
     sys.stdin.readline()
@@ -33,7 +33,7 @@ with fetch_lock(Path(sys.argv[1])) as held:
 SLOW_FETCH = """
 import sys, time, zipfile
 from pathlib import Path
-from carvana.data.fetcher import DatasetFetcher
+from carvana.data.sources.fetcher import DatasetFetcher
 real = zipfile.ZipFile.extract
 def slow(self, member, path=None, pwd=None):
     time.sleep(0.02)

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from carvana.data import fetcher as fetcher_mod
-from carvana.data import kaggle_client, notebook
-from carvana.data.fetcher import (
+from carvana.data.sources import fetcher as fetcher_mod
+from carvana.data.sources import kaggle_client, notebook
+from carvana.data.sources.fetcher import (
     CorruptArchiveError,
     DatasetFetcher,
     DatasetLayoutError,
     UnsafeArchiveError,
     archives,
 )
-from carvana.data.kaggle_client import (
+from carvana.data.sources.kaggle_client import (
     DiskFullError,
     KaggleCredentialsError,
     KaggleNetworkError,
@@ -296,7 +296,7 @@ def test_no_credentials_uses_demo_data(tmp_path, monkeypatch, capsys, no_creds):
         written.append((root, seed))
         return make_folder(root, ["abcabcabcabc"], angles=2, test_names=["abcabcabcabc_01.jpg"])
 
-    monkeypatch.setitem(sys.modules, "carvana.data.demo_data", types.SimpleNamespace(write_demo_dataset=fake_writer))
+    monkeypatch.setitem(sys.modules, "carvana.data.demo.dataset", types.SimpleNamespace(write_demo_dataset=fake_writer))
     monkeypatch.setattr(kaggle_client, "make_api", lambda: pytest.fail("must not contact Kaggle"))
     f = DatasetFetcher(root=tmp_path / "data", seed=7)
     folder = f.fetch()

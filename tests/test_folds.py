@@ -83,7 +83,7 @@ def test_the_error_gallery_predicts_with_the_sessions_device_precision_and_strea
 
     import torch
 
-    from carvana.data.demo_data import write_demo_dataset
+    from carvana.data.demo.dataset import write_demo_dataset
     from carvana.data.layout import mask_path_for
     from carvana.models.registry import ModelConfig, build_model
     from carvana.pipeline import folds as pipeline_folds

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline import main as pipeline_main
 from carvana.pipeline.settings import RecipeError, read_recipe
 from test_names_and_roles import main_defaults

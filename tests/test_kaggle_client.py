@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from carvana.data import kaggle_client as kc
+from carvana.data.sources import kaggle_client as kc
 from carvana.data.layout import COMPETITION
 
 SECRET = "0123456789abcdef-very-secret"

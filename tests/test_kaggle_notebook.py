@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from carvana.data import kaggle_client, mounted, notebook
-from carvana.data.fetcher import (
+from carvana.data.sources import kaggle_client, mounted, notebook
+from carvana.data.sources.fetcher import (
     CorruptArchiveError,
     DatasetFetcher,
     DatasetLayoutError,
@@ -182,7 +182,7 @@ def fake_demo(monkeypatch) -> None:
     def writer(root: Path, seed: int = 0, **kw) -> Path:
         return make_folder(root, ["abcabcabcabc"], angles=2, test_names=["abcabcabcabc_01.jpg"])
 
-    monkeypatch.setitem(sys.modules, "carvana.data.demo_data", types.SimpleNamespace(write_demo_dataset=writer))
+    monkeypatch.setitem(sys.modules, "carvana.data.demo.dataset", types.SimpleNamespace(write_demo_dataset=writer))
 
 
 def test_source_order_folder_then_mount_then_credentials_then_demo(tmp_path, monkeypatch, capsys, make_mount,
@@ -355,7 +355,7 @@ def zip_folder(folder: Path, top: str) -> bytes:
 
 
 def test_main_trains_on_the_mounted_files(tmp_path, make_mount):
-    from carvana.data.demo_data import write_demo_dataset
+    from carvana.data.demo.dataset import write_demo_dataset
 
     source = write_demo_dataset(tmp_path / "made", seed=5, n_train_cars=2, n_test_cars=1)
     zips = {f"{top}.zip": zip_folder(source, top) for top in ("train", "train_masks", "test")}

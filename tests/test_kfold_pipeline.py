@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.submission.validate import expected_names, validate_submission
 from test_pipeline import TINY, run_main
 

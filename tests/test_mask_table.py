@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from carvana.data.datasets import TrainImageDataset, read_mask
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.data.mask_table import MaskTableError, load_mask_table, mask_from_rle, mask_table_for
 
 

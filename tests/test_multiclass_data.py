@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from carvana.data.datasets import ImageReadError, train_augmentation
-from carvana.data.demo_trimap import write_demo_trimap_dataset
-from carvana.data.fetcher import DatasetLayoutError
+from carvana.data.demo.trimap import write_demo_trimap_dataset
+from carvana.data.sources.fetcher import DatasetLayoutError
 from carvana.data.class_datasets import SegmentationDataset, collate_segmentation, load_segmentation_data, read_class_mask
 from carvana.data.palette import PALETTE
 

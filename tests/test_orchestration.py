@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.models.registry import ModelConfig, build_model
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint, threshold_of
 

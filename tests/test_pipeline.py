@@ -14,7 +14,7 @@ import torch
 
 from carvana.training.checkpoint import load_checkpoint
 from carvana.training.precision import choose_precision
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.submission.validate import expected_names, read_submission, validate_submission
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.models.registry import ModelConfig, build_model
 from carvana.training.checkpoint import save_checkpoint
 
@@ -113,7 +113,7 @@ def run_in_process(cwd: Path, monkeypatch, *args: str) -> int:
 
 def test_no_train_submit_uploads_the_finished_submission_without_predicting_again(setup, tmp_path, monkeypatch, capsys):
     # Fails on the old code: --no-train --submit predicted the whole test set again before uploading.
-    from carvana.data import kaggle_client
+    from carvana.data.sources import kaggle_client
     from carvana.training.classifier import CarvanaClassifier
 
     cwd = tmp_path / "run"

@@ -26,7 +26,7 @@ from PIL import Image
 
 import carvana.data.pseudo as pseudo_data
 from carvana.data.datasets import fit_to_input
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.data.pseudo import (MixedBatchSampler, PseudoLabeledDataset, image_key, keyed, label_path,
                                  remove_stale_temporaries, select_confident, write_label)
 from carvana.pipeline.fit import TaskData

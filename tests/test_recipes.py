@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline.settings import flag_of, parse_command, settings_from
 from carvana.submission.validate import expected_names, validate_submission
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from carvana.data.datasets import TrainImageDataset, train_augmentation
-from carvana.data.demo_data import write_demo_dataset
-from carvana.data.fetcher import DatasetFetcher
+from carvana.data.demo.dataset import write_demo_dataset
+from carvana.data.sources.fetcher import DatasetFetcher
 from carvana.data.sampling import EpochSampler
 from carvana.pipeline.fit import make_train_loader
 from carvana.training import distributed as dist

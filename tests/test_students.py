@@ -26,7 +26,7 @@ from PIL import Image
 
 import carvana.submission.pseudo_labels as labeling
 from carvana.data.datasets import TestImageDataset
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.data.pseudo import keyed, label_path, select_confident, unreadable_path
 from carvana.pipeline import decide
 from carvana.pipeline.fit import TaskData

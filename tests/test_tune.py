@@ -21,7 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline.settings import settings_from
 from carvana.data.secrets import redact
 from carvana.pipeline.roles import TUNABLE

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from carvana.data import kaggle_client as kc
+from carvana.data.sources import kaggle_client as kc
 from carvana.data.layout import COMPETITION
 from carvana.submission.validate import SubmissionError, main, upload_submission
 

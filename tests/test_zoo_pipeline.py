@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from carvana.data.demo_data import write_demo_dataset
+from carvana.data.demo.dataset import write_demo_dataset
 from carvana.models.registry import output_size
 from carvana.training.checkpoint import load_checkpoint, model_config_of
 

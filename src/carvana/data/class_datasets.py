@@ -37,7 +37,7 @@ from torch.utils.data.dataloader import default_collate
 from carvana.data.image_tensors import image_to_tensor
 from carvana.data.jpeg import ImageReadError, jpeg_size, read_for_input
 from carvana.data.resizing import resize_decoded
-from carvana.data.fetcher import DatasetLayoutError
+from carvana.data.sources.fetcher import DatasetLayoutError
 from carvana.data.sampling import sample_seed
 
 IGNORE_INDEX = 255

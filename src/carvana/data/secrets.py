@@ -8,7 +8,7 @@ What counts as a secret:
 * ``Bearer`` / ``Basic`` authorization values;
 * every credential value this process can see: the environment variables below, and the
   values of sources registered by the modules that know where their credentials live
-  (:mod:`carvana.data.kaggle_credentials` registers kaggle.json and the token files).
+  (:mod:`carvana.data.sources.kaggle_credentials` registers kaggle.json and the token files).
 """
 
 from __future__ import annotations

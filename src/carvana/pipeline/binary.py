@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from carvana.data.datasets import TrainImageDataset
-from carvana.data.fetcher import DatasetFetcher, DatasetLayoutError
+from carvana.data.sources.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.mask_table import mask_table_for
 from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, train_model, training_config

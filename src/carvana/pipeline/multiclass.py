@@ -16,7 +16,7 @@ import pandas as pd
 
 from carvana.data.class_datasets import SegmentationData, SegmentationDataset, collate_segmentation, \
     load_segmentation_data
-from carvana.data.demo_trimap import CLASS_NAMES as DEMO_CLASS_NAMES, write_demo_trimap_dataset
+from carvana.data.demo.trimap import CLASS_NAMES as DEMO_CLASS_NAMES, write_demo_trimap_dataset
 from carvana.models.registry import output_size
 from carvana.pipeline.fit import TaskData, classifier_for, prediction_model, task_for, train_model
 from carvana.pipeline.plans import SINGLE, PlanError

@@ -17,10 +17,10 @@ import torch
 
 from carvana.data.datasets import ImageReadError
 from carvana.data.files import write_json_atomic
-from carvana.data.fetcher import CorruptArchiveError, DatasetLayoutError, UnsafeArchiveError
-from carvana.data.kaggle_client import KaggleError
+from carvana.data.sources.fetcher import CorruptArchiveError, DatasetLayoutError, UnsafeArchiveError
+from carvana.data.sources.kaggle_client import KaggleError
 from carvana.data.mask_table import MaskTableError
-from carvana.data.notebook import kaggle_working_dir
+from carvana.data.sources.notebook import kaggle_working_dir
 from carvana.models.registry import ModelConfigError
 from carvana.models.smp_nets import EncoderWeightsError
 from carvana.data.secrets import redact

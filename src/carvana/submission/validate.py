@@ -139,9 +139,9 @@ def upload_submission(path: str | Path, expected: Sequence[str], message: str, a
 
     Raises SubmissionError (with the full report) for an invalid file: nothing is sent.
     Kaggle's own errors (no credentials, 401, 403 rules not accepted) come from
-    carvana.data.kaggle_client with what to do about them.
+    carvana.data.sources.kaggle_client with what to do about them.
     """
-    from carvana.data.kaggle_client import submit  # imported late: validation needs no kaggle package
+    from carvana.data.sources.kaggle_client import submit  # imported late: validation needs no kaggle package
 
     report = validate_submission(path, expected)
     if not report.ok:

@@ -2,7 +2,7 @@
 
 Where the data comes from, first match wins: an explicit folder (``use_folder``, --data-dir);
 the competition files mounted read-only in a Kaggle Notebook or named by ``CARVANA_INPUT``
-(carvana.data.mounted); a Kaggle API download when credentials exist; else the demo data.
+(carvana.data.sources.mounted); a Kaggle API download when credentials exist; else the demo data.
 Credentials never win over a mount. ``fetcher.source`` records which one was taken.
 
 Download layout under ``root/<competition>[-hq]``::
@@ -26,8 +26,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from carvana.data import kaggle_client, mounted, notebook
-from carvana.data.archives import (  # noqa: F401  (re-exported: callers import them from here)
+from carvana.data.sources import kaggle_client, mounted, notebook
+from carvana.data.sources.archives import (  # noqa: F401  (re-exported: callers import them from here)
     DOWNLOADS,
     Archive,
     CorruptArchiveError,
@@ -157,7 +157,7 @@ class DatasetFetcher:
         return folder
 
     def _use_demo(self) -> Path:
-        from carvana.data.demo_data import write_demo_dataset  # lazy: only needed without real data
+        from carvana.data.demo.dataset import write_demo_dataset  # lazy: only needed without real data
 
         with writing_into(self.root):  # a read-only data root: one line, not an EROFS traceback
             folder = check_layout(Path(write_demo_dataset(self.root / "demo", seed=self.seed)))

@@ -1,10 +1,10 @@
 """Procedurally drawn demo cars: one view of one car in its photo studio, with its exact mask.
 
-The car itself (random spec, 3-D geometry, turntable camera) is carvana.data.demo_car_model; this
+The car itself (random spec, 3-D geometry, turntable camera) is carvana.data.demo.car_model; this
 module draws a view of it like Carvana's photo studio: a light-grey wall with dark lettering, a
 floor with a turntable and a soft shadow under the car that is background, not car. The mask is
 the union of the filled polygons at full resolution; the image is the same drawing, softened by a
-slight blur (the anti-aliasing of a real lens) plus sensor noise. carvana.data.demo_data writes
+slight blur (the anti-aliasing of a real lens) plus sensor noise. carvana.data.demo.dataset writes
 these views out in the Carvana layout.
 """
 
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 # CarSpec, random_car and demo_cars are imported from here too (their home before the model had its own module).
-from carvana.data.demo_car_model import GLYPHS, Camera, CarSpec, car_geometry, demo_cars, random_car  # noqa: F401
+from carvana.data.demo.car_model import GLYPHS, Camera, CarSpec, car_geometry, demo_cars, random_car  # noqa: F401
 from carvana.data.layout import ANGLES_PER_CAR, ORIG_SHAPE, ORIG_WIDTH
 
 _S = 16.0  # cv2 fixed-point factor (shift=4): sub-pixel polygon vertices at any output size

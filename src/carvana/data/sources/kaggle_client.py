@@ -1,7 +1,7 @@
 """Everything that touches the official ``kaggle`` package (2.2.4): the API object, errors, submit.
 
 Where credentials come from, and scrubbing them out of messages (:func:`redact`), is in
-``carvana.data.kaggle_credentials``; its names are re-exported here.
+``carvana.data.sources.kaggle_credentials``; its names are re-exported here.
 
 HTTP errors surface from kaggle 2.2.4 (via kagglesdk) as
 ``requests.HTTPError`` whose ``.response.status_code`` holds the status; older
@@ -22,7 +22,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from carvana.data.kaggle_credentials import (  # noqa: F401  (re-exported)
+from carvana.data.sources.kaggle_credentials import (  # noqa: F401  (re-exported)
     HOW_TO_CONFIGURE,
     TOKEN_URL,
     KaggleCredentialsError,

@@ -4,7 +4,7 @@ Each car is a small 3-D model (a lofted lower body, a lofted glass cabin, four w
 lights) in car-frame metres (x forward, y left, z up), seen by a perspective camera on a turntable
 from 16 angles (01 = front, 05 = left side, 09 = back, 13 = right side). :class:`CarSpec` holds
 everything random about one car and its studio, :func:`car_geometry` the car's faces (cached per
-spec), :class:`Camera` the projection to pixels. carvana.data.demo_car draws them.
+spec), :class:`Camera` the projection to pixels. carvana.data.demo.car draws them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ layout (``images/*.jpg`` + ``masks/*.png``), so a multi-class run needs no downl
 
 Class ids mirror Oxford-IIIT Pet's trimaps: 0 car, 1 background, 2 border (a band straddling
 the car's outline). Written into a temp sibling folder and renamed into place with a
-``.complete`` marker holding the parameters, like carvana.data.demo_data.
+``.complete`` marker holding the parameters, like carvana.data.demo.dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 from PIL import Image
 
-from carvana.data.demo_car import demo_cars, draw_background, draw_car
+from carvana.data.demo.car import demo_cars, draw_background, draw_car
 from carvana.data.palette import palette_bytes
 
 FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from carvana.data.archives import (
+from carvana.data.sources.archives import (
     DOWNLOADS,
     Archive,
     CorruptArchiveError,
@@ -41,7 +41,7 @@ from carvana.data.archives import (
     zip_problem,
 )
 from carvana.data.files import atomic_path, fsync_dir
-from carvana.data.kaggle_client import DiskFullError
+from carvana.data.sources.kaggle_client import DiskFullError
 
 OPTIONAL = ("train_masks.csv", "metadata.csv")
 

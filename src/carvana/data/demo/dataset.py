@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 from PIL import Image
 
-from carvana.data.demo_car import demo_cars, draw_background, draw_car
+from carvana.data.demo.car import demo_cars, draw_background, draw_car
 from carvana.data.layout import ANGLES_PER_CAR
 from carvana.data.rle import rle_encode
 

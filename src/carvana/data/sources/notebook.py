@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from carvana.data.archives import DatasetLayoutError
+from carvana.data.sources.archives import DatasetLayoutError
 
 INPUT_ENV = "CARVANA_INPUT"
 WORKING_ENV = "CARVANA_WORKING"
