@@ -16,8 +16,9 @@ import pytest
 from carvana.data.sources.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.layout import COMPETITION
 from carvana.pipeline.session import user_message
-from test_fetcher import FakeApi, competition_zips, layout_files
-from test_kaggle_notebook import EXPECTED, isolated, make_mount, point_at  # noqa: F401 (fixtures)
+from fetcher_helpers import FakeApi, competition_zips, layout_files
+from notebook_helpers import EXPECTED, point_at
+from notebook_helpers import fixture_isolated, fixture_make_mount  # noqa: F401 (fixtures; isolated is autouse)
 
 HOLDER = """
 import sys
