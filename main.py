@@ -60,6 +60,7 @@ AUGMENT = True  # Affine + horizontal flip + HSV jitter on training images
 WORKERS = 2  # DataLoader worker processes
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1
 AMP = True  # mixed precision: bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16 (AMX/AVX512-BF16); off = fp32
+ENGINE = "auto"  # CPU prediction (test set, ensembles, OOF, teacher labels): auto | torch | openvino | onnxruntime; auto = OpenVINO where installed (measured fastest, bench/engine.py), CUDA: torch
 EVAL_STREAMS = 0  # CPU validation and prediction: batches run at once, one thread each (0 = one per core, up to 4; measured ~1.4x on 2 cores); CUDA: 1
 CHANNELS_LAST = True  # channels_last memory format: CUDA, and CPU inference (measured faster; CPU training stays NCHW, measured slower)
 COMPILE = False  # torch.compile the model (CUDA only)

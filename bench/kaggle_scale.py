@@ -17,7 +17,7 @@ through.
 
 Usage (from the repository root)::
 
-    python bench/kaggle_scale.py --checkpoint output/models/<run>/best.pt [--images N] [--eval-streams S]
+    python bench/kaggle_scale.py --checkpoint output/models/<run>/best.pt [--images N] [--eval-streams S] [--engine E]
 
 ``--images N`` predicts the first N names only (a quick check); the default is all of them.
 """
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a binary model's best.pt")
     parser.add_argument("--images", type=int, default=0, help="predict the first N names only (0 = all)")
     parser.add_argument("--eval-streams", type=int, default=0)
+    parser.add_argument("--engine", default="auto", help="auto | torch | openvino | onnxruntime (main.py's --engine)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--postprocess-workers", type=int, default=2)
     parser.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True)
@@ -110,10 +111,10 @@ def main() -> None:
         raise SystemExit(f"{OFFICIAL}: missing (this bench needs ../shared/carvana-official)")
     names = expected_names(OFFICIAL)
     names = names[: args.images] if args.images else names
-    predictor = EnsemblePredictor(load_members([args.checkpoint], [1.0], "cpu", eval_streams=args.eval_streams),
-                                  progress=False)
+    predictor = EnsemblePredictor(load_members([args.checkpoint], [1.0], "cpu", eval_streams=args.eval_streams,
+                                               engine=args.engine), progress=False)
     data_hw = output_size(predictor.members[0].config)
-    print(f"{len(names)} images, {predictor.describe()}, streams {predictor.streams}, "
+    print(f"{len(names)} images, {predictor.describe()}, engine {args.engine}, streams {predictor.streams}, "
           f"fast decode {args.fast_decode}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -38,6 +38,7 @@ from carvana.data.photos import (FITS, Background, Box, PhotoError, find_photos,
                                  probabilities_to_mask, read_photo, write_outputs)
 from carvana.segmenter import SegmentError, Segmenter
 from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
+from carvana.training.engines import ENGINES, EngineError
 
 MAX_EXIT_STATUS = 125  # above this, shells give exit statuses other meanings
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="make a JPEG's network input from a second decode at 1/2, 1/4 or 1/8 size (DCT scaling), "
                         "the largest that still covers the input; --no-fast-decode resizes the full decode")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="CPU inference engine: auto (OpenVINO where installed) | torch | openvino | onnxruntime")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 everywhere (default: bf16/fp16 autocast on CUDA, bf16 weights on CPUs with native bf16)")
     p.add_argument("--overwrite", action="store_true", help="redo photos whose outputs already exist")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -196,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         photos, problems = find_photos(args.inputs, exclude=out_dir)
         model, config, state = load_model(args.checkpoint)
         threshold = threshold_of(state) if args.threshold is None else args.threshold
-        segmenter = Segmenter(model, config, args.device, threshold, args.tta, args.amp, args.fit, args.fast_decode)
-    except (SegmentError, CheckpointError, PhotoError) as exc:
+        segmenter = Segmenter(model, config, args.device, threshold, args.tta, args.amp, args.fit, args.fast_decode,
+                              args.engine)
+    except (SegmentError, CheckpointError, PhotoError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for problem in problems:

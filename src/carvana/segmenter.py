@@ -17,6 +17,8 @@ import torch
 from carvana.data.jpeg import decode_scale, decoded_size
 from carvana.data.photos import FITS, input_box, is_jpeg_file, read_photo, to_network_input
 from carvana.models.registry import ModelConfig, arch_spec
+from carvana.submission.fingerprint import weights_digest
+from carvana.training.engines import EngineSlot, choose_engine
 from carvana.training.inference import cpu_inference_copy, eval_logits
 from carvana.training.precision import choose_precision, use_channels_last
 
@@ -37,7 +39,8 @@ class Segmenter:
     """
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: str = "auto", threshold: float = 0.5,
-                 tta: bool = False, amp: bool = True, fit: str = "letterbox", fast_decode: bool = True) -> None:
+                 tta: bool = False, amp: bool = True, fit: str = "letterbox", fast_decode: bool = True,
+                 engine: str = "torch") -> None:
         if config.classes != 1:
             raise SegmentError(f"this checkpoint's model has {config.classes} classes; segment writes binary "
                                "masks and cutouts, so it needs a one-class (car / background) model")
@@ -60,6 +63,11 @@ class Segmenter:
         self.margin = int(getattr(arch_spec(config.arch), "output_margin", 0))
         self.mean = torch.tensor(config.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # --engine: the whole step (normalisation, TTA, sigmoid) compiled (training/engines.py); the
+        # photo's input already holds a valid-convolution net's margin, so the graph pads nothing.
+        name = choose_engine(engine, self.device)
+        self.engine = None if name == "torch" else EngineSlot(
+            name, engine, self.model, config, weights_digest(self.model.state_dict()), amp, 1, pad=False)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of normalised inputs (the CPU copy, or autocast on CUDA), as the classifier's."""
@@ -83,10 +91,14 @@ class Segmenter:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) inputs -> float32 (B, h, w) car probabilities on the CPU (hflip TTA if set)."""
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2)
-        x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        probs = torch.sigmoid(self._logits(x))
-        if self.tta:  # as in CarvanaClassifier.predict: average with the mirrored prediction
-            probs = (probs + torch.sigmoid(self._logits(x.flip(-1))).flip(-1)) / 2
+        compiled = self.engine.compiled(self.tta) if self.engine is not None else None
+        if compiled is not None:
+            probs = compiled.probabilities(x.contiguous())
+        else:
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            probs = torch.sigmoid(self._logits(x))
+            if self.tta:  # as in CarvanaClassifier.predict: average with the mirrored prediction
+                probs = (probs + torch.sigmoid(self._logits(x.flip(-1))).flip(-1)) / 2
         expected = (self.input_hw[0] - 2 * self.margin, self.input_hw[1] - 2 * self.margin)
         if tuple(probs.shape[-2:]) != expected:
             raise SegmentError(f"{self.config.arch} returned {tuple(probs.shape[-2:])} maps for {self.input_hw} "

@@ -164,7 +164,7 @@ def submit(session: Session, data: TaskData, paths: list[Path], threshold: float
         raise PlanError(str(exc)) from None
     # Binary models only: load_members refuses a multi-class checkpoint rather than read class 0.
     predictor = EnsemblePredictor(load_members(paths, weights, session.device, hp.amp, hp.channels_last,
-                                               hp.eval_streams))
+                                               hp.eval_streams, hp.engine))
     if session.main:
         print(f"prediction: {predictor.describe()}, threshold {threshold:g}")
     names, output = [p.name for p in data.test_images], Path(hp.output)

@@ -118,9 +118,10 @@ def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], ta
 
 def fold_member(best: Path, session: Session) -> Member:
     """A fold's best.pt ready to predict as every prediction of the session does: its
-    ``--device``, ``--amp``, ``--channels-last`` and ``--eval-streams``."""
+    ``--device``, ``--amp``, ``--channels-last``, ``--eval-streams`` and ``--engine``."""
     hp = session.hp
-    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams)
+    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams,
+                              hp.engine)
     return member
 
 

@@ -23,7 +23,9 @@ from carvana.pipeline.plans import SINGLE, PlanError
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.fingerprint import weights_digest
 from carvana.submission.masks import predict_to_masks
+from carvana.submission.sharded import engine_component
 from carvana.training import distributed as dist
+from carvana.training.engines import attach_engine
 from carvana.training.tasks import PerClassTableLogger
 
 DEFAULT_CLASSES = {"oxford-pet": 3, "carla": 13, "folder": 0}  # 0: must be given (the demo trimaps have 3)
@@ -110,10 +112,12 @@ def predict_masks(session: Session, data: TaskData, weights: Path, plan: str, in
     given = {k: getattr(hp, k) for k in session.given} if plan != SINGLE else {}  # trained: the flags' own model
     model, config = prediction_model(weights, data.classes, given)
     classifier = classifier_for(hp, model, config, session.device, task_for(hp, data))
+    digest = weights_digest(classifier.model.state_dict())  # the weights' contents
+    attach_engine(classifier, hp.engine, digest)
     masks_dir = Path(hp.output).parent / session.run / "masks"
     written = predict_to_masks(classifier, data.test_images, masks_dir, output_size(config), data.class_names,
                                batch_size=hp.predict_batch_size, loader_workers=hp.workers, tta=hp.tta,
-                               tag=weights_digest(classifier.model.state_dict()),  # the weights' contents
+                               tag=digest + "".join(f" {v}" for v in engine_component(classifier).values()),
                                fast_decode=hp.fast_decode)
     session.timer("predict")
     info.update(model=config.describe(), predicted_from=data.test_source, masks=str(masks_dir), masks_written=written)

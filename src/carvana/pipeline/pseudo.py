@@ -102,7 +102,7 @@ def pseudo_labels(session: Session, data: TaskData, config: ModelConfig, teacher
     images = on_rank_0(session, "listing the unlabeled images", lambda: unlabeled_images(hp.unlabeled, data))
     data_hw, paths = output_size(config), teacher_paths(teacher_spec)
     predictor = EnsemblePredictor(load_members(paths, [1.0 / len(paths)] * len(paths), session.device, hp.amp,
-                                               hp.channels_last, hp.eval_streams))
+                                               hp.channels_last, hp.eval_streams, hp.engine))
     teacher = {"teacher": predictor.prediction_settings(data_hw, hp.tta, hp.fast_decode), "data_size": list(data_hw),
                "models": [str(p) for p in paths]}
     folder = Path(hp.output).parent / "pseudo" / store_key({k: v for k, v in teacher.items() if k != "models"})

@@ -56,7 +56,7 @@ ROLES: dict[str, Role] = {
              "pseudo_rounds"),
     **_roles(PREDICTION, "test_sample_size", "test_dir", "tta", "predict_batch_size", "chunk_size",
              "postprocess_workers"),
-    **_roles(MACHINE, "data_dir", "data_root", "workers", "device", "amp", "eval_streams", "channels_last",
+    **_roles(MACHINE, "data_dir", "data_root", "workers", "device", "amp", "engine", "eval_streams", "channels_last",
              "compile", "sync_batchnorm", "dist_timeout", "keep_last", "output"),
     **_roles(INVOCATION, "train", "resume", "run_name", "checkpoint", "fold", "ensemble", "ensemble_weights",
              "predict", "submit", "message", "tune", "study", "tune_space", "tune_pruner", "tune_timeout",

@@ -35,13 +35,14 @@ from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError
 from carvana.training.precision import choose_precision
+from carvana.training.engines import EngineError, choose_engine
 from carvana.training.streams import choose_eval_streams
 
 # Errors whose message already says what is wrong and what to do: main.py prints them as
 # one line, without a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ImageReadError, DatasetLayoutError, UnsafeArchiveError, CorruptArchiveError,
                KaggleError, SubmissionError, FloatingPointError, SubmissionWriteError, dist.PeerFailure,
-               MaskTableError, ModelConfigError, EncoderWeightsError, RunError, RecipeError, PlanError)
+               MaskTableError, ModelConfigError, EncoderWeightsError, RunError, RecipeError, PlanError, EngineError)
 
 
 def user_message(exc: BaseException) -> str:
@@ -111,8 +112,9 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     settings record."""
     hp = command.hp
     device = dist.init(hp.device, timeout_s=hp.dist_timeout)
-    try:  # the classifiers choose again with the same function; refused here, before anything is written
+    try:  # the classifiers choose again with the same functions; refused here, before anything is written
         choose_eval_streams(torch.device(device), hp.eval_streams)
+        choose_engine(hp.engine, torch.device(device))
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     main = dist.is_main_process()

@@ -46,9 +46,11 @@ from carvana.training.callbacks import Callback, CallbackList
 from carvana.training.evaluation import batch_probabilities
 from carvana.training.streams import ordered_map
 from carvana.submission.fingerprint import weights_digest
+from carvana.submission.sharded import engine_component
 from carvana.submission.sharded import prediction_settings as single_model_settings
 from carvana.training.checkpoint import CheckpointError, load_model
 from carvana.training.classifier import CarvanaClassifier
+from carvana.training.engines import attach_engine
 
 
 @dataclass
@@ -100,9 +102,11 @@ def parse_weights(text: str, n: int) -> list[float]:
 
 
 def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | torch.device = "cpu",
-                 amp: bool = True, channels_last: bool = True, eval_streams: int = 0) -> list[Member]:
+                 amp: bool = True, channels_last: bool = True, eval_streams: int = 0,
+                 engine: str = "torch") -> list[Member]:
     """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction.
-    ``eval_streams``: batches predicted at once on a CPU (0 = one per core; training/streams.py)."""
+    ``eval_streams``: batches predicted at once on a CPU (0 = one per core; training/streams.py);
+    ``engine``: --engine (training/engines.py)."""
     members = []
     for path, weight in zip(paths, weights):
         model, config, state = load_model(path, map_location="cpu")
@@ -111,7 +115,9 @@ def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | 
                                   "car masks")
         clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
                                 progress=False, preview_count=0, model_config=config, eval_streams=eval_streams)
-        members.append(Member(Path(path), clf, config, float(weight), weights_digest(state["model"])))
+        digest = weights_digest(state["model"])
+        attach_engine(clf, engine, digest)
+        members.append(Member(Path(path), clf, config, float(weight), digest))
     return members
 
 
@@ -197,6 +203,7 @@ class EnsemblePredictor:
             "members": [{"weights": m.digest, "model_config": m.config.to_dict(), "weight": repr(m.weight)}
                         for m in self.members],
             "precision": sorted({str(m.classifier.amp_dtype or "float32") for m in self.members}),
+            **engine_component(self.members[0].classifier),
         }
 
     def describe(self) -> str:

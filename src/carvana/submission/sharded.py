@@ -135,7 +135,15 @@ def prediction_settings(classifier: Any, input_hw: tuple[int, int], tta: bool, f
         "model_config": config.to_dict() if config is not None else None,
         "weights": weights_digest(classifier.model.state_dict()),  # the contents, not a file's path or mtime
         "precision": str(getattr(classifier, "amp_dtype", None) or "float32"),
+        **engine_component(classifier),
     }
+
+
+def engine_component(classifier: Any) -> dict[str, str]:
+    """The engine that predicts, where it is not torch (a torch prediction keeps the fingerprint
+    it always had)."""
+    slot = getattr(classifier, "engine", None)
+    return {"engine": slot.identity} if slot is not None else {}
 
 
 def predict_to_submission(

@@ -90,6 +90,8 @@ class CarvanaClassifier:
         # Batches validated and predicted at once (CPU: one per core, each single-threaded;
         # CUDA: 1), see training/streams.py.
         self.streams = choose_eval_streams(self.device, eval_streams)
+        # An inference engine for fixed-weights prediction (training/engines.attach_engine); None: torch.
+        self.engine = None
         # The task (training/tasks.py) decides targets, loss, activation and validation metrics:
         # binary car masks unless a multi-class task is given. A given loss_fn (e.g. the
         # boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight for the binary task.

@@ -67,10 +67,16 @@ def batch_probabilities(trainer: Any, batch: dict, tta: bool = False) -> torch.T
     cropped to 1918 columns, never resampled; images the loader could not read (ok=False)
     get all-zero maps. Call inside ``trainer.fixed_weights()``; safe on several threads.
     """
-    images = trainer._images_to_device(batch["image"])
-    probs = trainer.task.activate(trainer.eval_forward(images))
-    if tta:
-        probs = (probs + trainer.task.activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
+    slot = getattr(trainer, "engine", None)  # a compiled graph (training/engines.py), or the torch path
+    compiled = slot.compiled(tta) if slot is not None else None
+    if compiled is not None:
+        probs = compiled.probabilities(batch["image"])
+        probs = probs[:, 0] if probs.shape[1] == 1 else probs  # binary maps are (B, h, w), as task.activate gives
+    else:
+        images = trainer._images_to_device(batch["image"])
+        probs = trainer.task.activate(trainer.eval_forward(images))
+        if tta:
+            probs = (probs + trainer.task.activate(trainer.eval_forward(images.flip(-1))).flip(-1)) / 2
     probs = crop_native(probs)
     if "ok" in batch:
         probs[~batch["ok"].to(trainer.device)] = 0.0

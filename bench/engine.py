@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Prediction engines A/B: torch against OpenVINO (bf16 where the CPU has it, and fp32) and
+ONNX Runtime, interleaved round by round, through the real prediction path.
+
+Each variant runs what ``python main.py --no-train`` runs (``load_members`` with ``--engine``,
+``predict_to_submission``: batch 8, 2 loader workers, 2 post-processing threads, flip TTA,
+fast decode, automatic evaluation streams) on N images made as bench/kaggle_scale.py makes
+them (official test names, each a link to one of the 64 real test photos in turn). Per variant:
+images/s (median over rounds), the main process's CPU-ms per image, the compile time (the
+first compile, cache emptied, counted apart), and the Dice of its submission against the true
+masks of ``../shared/carvana-sample`` (test_solution.csv) and against torch's masks.
+
+Usage (from the repository root)::
+
+    python bench/engine.py --checkpoint output/models/<run>/best.pt [--images 8192] [--rounds 2]
+
+Without ``--checkpoint`` a default network is trained for ``--train-epochs`` on the sample's
+train images first (a quick model: its Dice against the truth is low, the comparison is what counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from carvana.models.registry import output_size  # noqa: E402
+from carvana.submission.ensemble import EnsemblePredictor, load_members  # noqa: E402
+from carvana.submission.scoring import score_submission  # noqa: E402
+from carvana.submission.sharded import predict_to_submission  # noqa: E402
+from carvana.submission.validate import expected_names  # noqa: E402
+from carvana.training import engines  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+OFFICIAL = SHARED / "carvana-official" / "sample_submission.csv"
+SAMPLE = SHARED / "carvana-sample"
+VARIANTS = {"torch": ("torch", True), "openvino": ("openvino", True), "openvino-fp32": ("openvino", False),
+            "onnxruntime": ("onnxruntime", False)}
+
+
+def link(folder: Path, names: list[str], photos: list[Path]) -> list[Path]:
+    folder.mkdir(parents=True)
+    out = []
+    for i, name in enumerate(names):
+        (folder / name).symlink_to(photos[i % len(photos)].resolve())
+        out.append(folder / name)
+    return out
+
+
+def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, cache: Path) -> tuple[float, float, float]:
+    """(seconds, main-process CPU seconds, compile seconds) of one prediction into ``output``."""
+    engine, amp = VARIANTS[variant]
+    engines.CACHE_DIR = cache
+    predictor = EnsemblePredictor(load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine), progress=False)
+    member = predictor.members[0].classifier
+    start = time.perf_counter()
+    if member.engine is not None:
+        member.engine.compiled(True)  # the compile (or the cache load), timed apart
+    compile_s = time.perf_counter() - start
+    cpu, wall = time.process_time(), time.perf_counter()
+    predict_to_submission(predictor, images, output, output_size(predictor.members[0].config), chunk_size=256,
+                          postprocess_workers=2, batch_size=8, loader_workers=2, tta=True, tag=predictor.tag(),
+                          fast_decode=True, progress_interval_s=600)
+    return time.perf_counter() - wall, time.process_time() - cpu, compile_s
+
+
+def quick_checkpoint(work: Path, epochs: int) -> Path:
+    """A default network trained briefly on the sample's train images (no --checkpoint given)."""
+    subprocess.run([sys.executable, str(REPO / "main.py"), "--data-dir", str(SAMPLE), "--epochs", str(epochs),
+                    "--no-predict", "--run-name", "bench-engine", "--engine", "torch"], cwd=work, check=True)
+    return work / "output" / "models" / "bench-engine" / "best.pt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="torch,openvino,openvino-fp32,onnxruntime")
+    parser.add_argument("--train-epochs", type=int, default=4)
+    args = parser.parse_args()
+    if not (OFFICIAL.is_file() and (SAMPLE / "test_solution.csv").is_file()):
+        raise SystemExit(f"this bench needs {OFFICIAL} and {SAMPLE}")
+    variants = [v.strip() for v in args.variants.split(",")]
+    photos = sorted((SAMPLE / "test").glob("*.jpg"))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        checkpoint = args.checkpoint.resolve() if args.checkpoint else quick_checkpoint(work, args.train_epochs)
+        names = expected_names(OFFICIAL)[: args.images]
+        images, sample = link(work / "test", names, photos), photos
+        cache = work / "engines"
+        first = {v: predict(checkpoint, v, sample, work / f"dice-{v}.csv.gz", cache)[2] for v in variants}
+        dice = {v: score_submission(work / f"dice-{v}.csv.gz", SAMPLE / "test_solution.csv") for v in variants}
+        # Agreement with torch: torch's own masks as the "truth" (64 sample images).
+        shutil.copy(work / "dice-torch.csv.gz", work / "torch-truth.csv.gz") if "torch" in variants else None
+        agree = {v: score_submission(work / f"dice-{v}.csv.gz", work / "torch-truth.csv.gz") if "torch" in variants
+                 else float("nan") for v in variants}
+        figures: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for v in variants:
+                seconds, cpu, _ = predict(checkpoint, v, images, work / f"run-{v}-{r}.csv.gz", cache)
+                figures[v].append((len(images) / seconds, 1000 * cpu / len(images)))
+                (work / f"run-{v}-{r}.csv.gz").unlink()
+                print(f"round {r + 1} {v}: {len(images) / seconds:.1f} images/s, main process {1000 * cpu / len(images):.2f} "
+                      f"CPU-ms/image", flush=True)
+    base = statistics.median(f[0] for f in figures["torch"]) if "torch" in variants else float("nan")
+    print(f"\n{len(images)} images, checkpoint {checkpoint.name}, CPU flags: {' '.join(engines.cpu_flags().split()[-8:])}")
+    print("| engine | images/s (median) | x torch | main CPU-ms/image | first compile s | Dice vs truth (64) | Dice vs torch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for v in variants:
+        ips = statistics.median(f[0] for f in figures[v])
+        print(f"| {v} | {ips:.1f} | {ips / base:.2f} | {statistics.median(f[1] for f in figures[v]):.2f} | "
+              f"{first[v]:.1f} | {dice[v]:.5f} | {agree[v]:.5f} |")
+    best = max(variants, key=lambda v: statistics.median(f[0] for f in figures[v]))
+    print(f"engine speedup: {best} {statistics.median(f[0] for f in figures[best]) / base:.2f}x torch")
+
+
+if __name__ == "__main__":
+    main()
