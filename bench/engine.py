@@ -6,7 +6,8 @@ Each variant runs what ``python main.py --no-train`` runs (``load_members`` with
 ``predict_to_submission``: batch 8, 2 loader workers, 2 post-processing threads, flip TTA,
 fast decode, automatic evaluation streams) on N images made as bench/kaggle_scale.py makes
 them (official test names, each a link to one of the 64 real test photos in turn). Per variant:
-images/s (median over rounds), the main process's CPU-ms per image, the compile time (the
+images/s (median over rounds), the main process's CPU-ms per image, the images/s of the
+prediction step alone (network, TTA, activation: no decoding or post-processing), the compile time (the
 first compile, cache emptied, counted apart), and the Dice of its submission against the true
 masks of ``../shared/carvana-sample`` (test_solution.csv) and against torch's masks.
 
@@ -42,7 +43,7 @@ from carvana.training import engines  # noqa: E402
 SHARED = REPO.parent / "shared"
 OFFICIAL = SHARED / "carvana-official" / "sample_submission.csv"
 SAMPLE = SHARED / "carvana-sample"
-VARIANTS = {"torch": ("torch", True), "openvino": ("openvino", True), "openvino-fp32": ("openvino", False),
+VARIANTS = {"torch": ("torch", True), "torch-fp32": ("torch", False), "openvino": ("openvino", True), "openvino-fp32": ("openvino", False),
             "onnxruntime": ("onnxruntime", False)}
 
 
@@ -55,7 +56,8 @@ def link(folder: Path, names: list[str], photos: list[Path]) -> list[Path]:
     return out
 
 
-def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, cache: Path) -> tuple[float, float, float]:
+def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, cache: Path,
+            batch: int = 8) -> tuple[float, float, float]:
     """(seconds, main-process CPU seconds, compile seconds) of one prediction into ``output``."""
     engine, amp = VARIANTS[variant]
     engines.CACHE_DIR = cache
@@ -67,9 +69,38 @@ def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, ca
     compile_s = time.perf_counter() - start
     cpu, wall = time.process_time(), time.perf_counter()
     predict_to_submission(predictor, images, output, output_size(predictor.members[0].config), chunk_size=256,
-                          postprocess_workers=2, batch_size=8, loader_workers=2, tta=True, tag=predictor.tag(),
+                          postprocess_workers=2, batch_size=batch, loader_workers=2, tta=True, tag=predictor.tag(),
                           fast_decode=True, progress_interval_s=600)
     return time.perf_counter() - wall, time.process_time() - cpu, compile_s
+
+
+def network_rate(checkpoint: Path, variant: str, batch: int, batches: int, cache: Path) -> float:
+    """Images/s of the prediction step alone (the same batch again and again through the
+    predictor's streams: no decoding, no post-processing), after one warm-up batch."""
+    import torch
+    from functools import partial
+
+    from carvana.submission.ensemble import size_key
+    from carvana.training.streams import ordered_map
+
+    engine, amp = VARIANTS[variant]
+    engines.CACHE_DIR = cache
+    predictor = EnsemblePredictor(load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine), progress=False)
+    hw = output_size(predictor.members[0].config)
+    item = {size_key(hw): torch.randint(0, 256, (batch, 3, *hw), dtype=torch.uint8), "name": ["x"] * batch,
+            "ok": torch.ones(batch, dtype=torch.bool)}
+    with predictor.fixed_weights():
+        predictor.average(item, tta=True)
+        start = time.perf_counter()
+        for _ in ordered_map(partial(predictor.average, tta=True), [item] * batches, predictor.streams):
+            pass
+    return batch * batches / (time.perf_counter() - start)
+
+
+def relevant_flags() -> str:
+    """The CPU flags that decide the kernels: AVX2, AVX-512, its bf16/VNNI, AMX."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return " ".join(f for f in wanted if f in engines.cpu_flags().split()) or "none of avx2/avx512/amx"
 
 
 def quick_checkpoint(work: Path, epochs: int) -> Path:
@@ -84,8 +115,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="torch,openvino,openvino-fp32,onnxruntime")
+    parser.add_argument("--variants", default="torch,openvino,openvino-fp32,onnxruntime",
+                        help="the first is the baseline; also torch-fp32 (--no-amp), for what a CPU without bf16 runs")
     parser.add_argument("--train-epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward (main.py's --predict-batch-size)")
     args = parser.parse_args()
     if not (OFFICIAL.is_file() and (SAMPLE / "test_solution.csv").is_file()):
         raise SystemExit(f"this bench needs {OFFICIAL} and {SAMPLE}")
@@ -100,27 +133,32 @@ def main() -> None:
         first = {v: predict(checkpoint, v, sample, work / f"dice-{v}.csv.gz", cache)[2] for v in variants}
         dice = {v: score_submission(work / f"dice-{v}.csv.gz", SAMPLE / "test_solution.csv") for v in variants}
         # Agreement with torch: torch's own masks as the "truth" (64 sample images).
-        shutil.copy(work / "dice-torch.csv.gz", work / "torch-truth.csv.gz") if "torch" in variants else None
-        agree = {v: score_submission(work / f"dice-{v}.csv.gz", work / "torch-truth.csv.gz") if "torch" in variants
-                 else float("nan") for v in variants}
+        shutil.copy(work / f"dice-{variants[0]}.csv.gz", work / "baseline.csv.gz")
+        agree = {v: score_submission(work / f"dice-{v}.csv.gz", work / "baseline.csv.gz") for v in variants}
+        network = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for v in variants:
+                network[v].append(network_rate(checkpoint, v, args.batch_size, max(8, 1024 // args.batch_size), cache))
         figures: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for v in variants:
-                seconds, cpu, _ = predict(checkpoint, v, images, work / f"run-{v}-{r}.csv.gz", cache)
+                seconds, cpu, _ = predict(checkpoint, v, images, work / f"run-{v}-{r}.csv.gz", cache, args.batch_size)
                 figures[v].append((len(images) / seconds, 1000 * cpu / len(images)))
                 (work / f"run-{v}-{r}.csv.gz").unlink()
                 print(f"round {r + 1} {v}: {len(images) / seconds:.1f} images/s, main process {1000 * cpu / len(images):.2f} "
                       f"CPU-ms/image", flush=True)
-    base = statistics.median(f[0] for f in figures["torch"]) if "torch" in variants else float("nan")
-    print(f"\n{len(images)} images, checkpoint {checkpoint.name}, CPU flags: {' '.join(engines.cpu_flags().split()[-8:])}")
-    print("| engine | images/s (median) | x torch | main CPU-ms/image | first compile s | Dice vs truth (64) | Dice vs torch |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = statistics.median(f[0] for f in figures[variants[0]])  # the first variant is the baseline
+    print(f"\n{len(images)} images, batch {args.batch_size}, checkpoint {checkpoint.name}, CPU flags: {relevant_flags()}")
+    net_base = statistics.median(network[variants[0]])
+    print(f"| engine | images/s (median) | x {variants[0]} | main CPU-ms/image | network alone images/s | x {variants[0]} | "
+          f"first compile s | Dice vs truth (64) | Dice vs {variants[0]} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for v in variants:
-        ips = statistics.median(f[0] for f in figures[v])
-        print(f"| {v} | {ips:.1f} | {ips / base:.2f} | {statistics.median(f[1] for f in figures[v]):.2f} | "
-              f"{first[v]:.1f} | {dice[v]:.5f} | {agree[v]:.5f} |")
+        ips, net = statistics.median(f[0] for f in figures[v]), statistics.median(network[v])
+        print(f"| {v} | {ips:.1f} | {ips / base:.2f} | {statistics.median(f[1] for f in figures[v]):.2f} | {net:.1f} | "
+              f"{net / net_base:.2f} | {first[v]:.1f} | {dice[v]:.5f} | {agree[v]:.5f} |")
     best = max(variants, key=lambda v: statistics.median(f[0] for f in figures[v]))
-    print(f"engine speedup: {best} {statistics.median(f[0] for f in figures[best]) / base:.2f}x torch")
+    print(f"engine speedup: {best} {statistics.median(f[0] for f in figures[best]) / base:.2f}x {variants[0]}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def test_the_error_gallery_predicts_with_the_sessions_device_precision_and_strea
     config = ModelConfig(arch="unet1024", width=0.125, input_size=(64, 128))
     best = tmp_path / "models" / "fold1" / "best.pt"
     save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict()}, best)
-    hp = SimpleNamespace(amp=False, channels_last=False, eval_streams=3, tta=True, fast_decode=False)
+    hp = SimpleNamespace(amp=False, channels_last=False, eval_streams=3, tta=True, fast_decode=False,
+                         engine="onnxruntime")
     session = SimpleNamespace(hp=hp, device="cpu", models_dir=tmp_path / "models")
     calls, loaded = [], []
 
@@ -108,10 +109,11 @@ def test_the_error_gallery_predicts_with_the_sessions_device_precision_and_strea
     monkeypatch.setattr(pipeline_folds, "load_members", recording)
     worst = [{"image": p.name, "fold": 1, "dice": 0.5} for p in images]
     entries = pipeline_folds.gallery_entries(worst, paths, session, 0.5)
-    assert calls == [([best], [1.0], "cpu", False, False, 3)]
+    assert calls == [([best], [1.0], "cpu", False, False, 3, "onnxruntime")]
     (member,) = loaded
     clf = member.classifier
     assert clf.device == torch.device("cpu") and clf.streams == 3 and clf.amp_dtype is None
+    assert clf.engine is not None and clf.engine.name == "onnxruntime"  # --engine
     assert clf.inference.memory_format == torch.contiguous_format  # --no-channels-last
     assert [e.name for e in entries] == [p.name for p in images]
     assert all(e.pred.shape == e.truth.shape == (1280, 1918) for e in entries)

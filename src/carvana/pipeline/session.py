@@ -35,6 +35,7 @@ from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError
 from carvana.training.precision import choose_precision
+from carvana.training import engines
 from carvana.training.engines import EngineError, choose_engine
 from carvana.training.streams import choose_eval_streams
 
@@ -147,7 +148,7 @@ def settings_record(command: Command, precision: str) -> dict[str, Any]:
 
 def move_to_workspace(hp: SimpleNamespace) -> bool:
     """In a Kaggle Notebook run from outside its working folder (a read-only code dataset),
-    put output/, logs/, --output and a relative --data-root under the working folder; the
+    put output/, logs/, --output, a relative --data-root and the engine cache under the working folder; the
     same on every rank (a pure function of the environment and cwd). Returns whether it moved."""
     base = workspace()
     if base is None:
@@ -156,6 +157,8 @@ def move_to_workspace(hp: SimpleNamespace) -> bool:
     for name in ("output", "data_root"):
         if not Path(getattr(hp, name)).is_absolute():
             setattr(hp, name, str(base / getattr(hp, name)))
+    if not engines.CACHE_DIR.is_absolute():  # compiled prediction graphs too
+        engines.CACHE_DIR = base / engines.CACHE_DIR
     return True
 
 

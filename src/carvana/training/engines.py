@@ -154,12 +154,22 @@ class CompiledEngine:
         return torch.from_numpy(self._run(np.ascontiguousarray(images.numpy())))
 
 
+def engine_threads() -> int:
+    """The threads an engine may use: OMP_NUM_THREADS where set (torchrun sets 1 per rank), else
+    this process's cores. Not torch.get_num_threads(): a graph compiled lazily inside an
+    evaluation stream would see that stream's single torch thread."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def _openvino(onnx: Path, folder: Path, amp: bool, streams: int) -> tuple[Any, str]:
     import openvino as ov
 
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(max(1, streams)),
-              "INFERENCE_NUM_THREADS": str(torch.get_num_threads()), "CACHE_DIR": str(folder / "openvino")}
+              "INFERENCE_NUM_THREADS": str(engine_threads()), "CACHE_DIR": str(folder / "openvino")}
     if not amp:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     compiled = core.compile_model(str(onnx), "CPU", config)
@@ -178,7 +188,7 @@ def _onnxruntime(onnx: Path, streams: int) -> tuple[Any, str]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads() // max(1, streams))
+    options.intra_op_num_threads = max(1, engine_threads() // max(1, streams))
     session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
     return (lambda x: session.run(None, {"image": x})[0]), "f32"
 
