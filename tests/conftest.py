@@ -49,3 +49,14 @@ def kaggle_home(monkeypatch, tmp_path) -> Path:
     (home / ".kaggle").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage_after_each_module():
+    """Free what a test module left (compiled inference engines with their thread pools, loaders)
+    on the main thread, when the module ends, rather than whenever a collection happens to run
+    in whichever thread of a long-lived test worker."""
+    yield
+    import gc
+
+    gc.collect()
