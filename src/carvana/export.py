@@ -35,23 +35,17 @@ from torch import nn
 from carvana.data.files import atomic_path
 from carvana.models.registry import ModelConfig, arch_spec
 from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
+from carvana.training.engines import ProbabilityGraph
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
 
-class ProbabilityModel(nn.Module):
-    """uint8 RGB (N, 3, H, W) -> probabilities: normalisation + network + sigmoid/softmax in one graph."""
-
-    def __init__(self, model: nn.Module, config: ModelConfig) -> None:
-        super().__init__()
-        self.model, self.classes = model, config.classes
-        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.model((image.float() - self.mean) / self.std)
-        return torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
+def probability_model(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """uint8 RGB (N, 3, H, W) at the network's input size -> probabilities: normalisation +
+    network + sigmoid/softmax in one graph, the prediction engines' own graph without TTA (the
+    input already holds any margin)."""
+    return ProbabilityGraph(model, config, tta=False, pad=False)
 
 
 def metadata(config: ModelConfig, threshold: float, dynamic_hw: bool) -> dict[str, str]:
@@ -78,7 +72,7 @@ def export_onnx(model: nn.Module, config: ModelConfig, path: Path, threshold: fl
     import onnx
 
     path = Path(path)
-    wrapper = ProbabilityModel(model, config).cpu().eval()
+    wrapper = probability_model(model, config).cpu().eval()
     h, w = config.input_size
     dummy = torch.zeros(1, 3, h, w, dtype=torch.uint8)
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
@@ -107,7 +101,7 @@ def onnx_parity(model: nn.Module, config: ModelConfig, onnx_path: Path, images: 
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    wrapper = ProbabilityModel(model, config).cpu().eval()
+    wrapper = probability_model(model, config).cpu().eval()
     worst, differing = 0.0, 0
     for i in range(0, len(images), batch_size):
         x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)

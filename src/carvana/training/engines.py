@@ -39,6 +39,7 @@ from torch import nn
 from carvana.data.files import atomic_path, write_json_atomic
 from carvana.data.image_tensors import mirror_pad
 from carvana.models.registry import ModelConfig, arch_spec
+from carvana.training.precision import cpuinfo_flags
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 CACHE_DIR = Path(os.environ.get("CARVANA_ENGINE_CACHE", "output/engines"))
@@ -112,12 +113,9 @@ def choose_engine(name: str, device: torch.device) -> str:
 
 def cpu_flags() -> str:
     """The CPU's instruction-set flags (a compiled model is only valid for the CPU it was built for)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(sorted(line.partition(":")[2].split()))
-    except OSError:
-        pass
+    flags = cpuinfo_flags()
+    if flags:
+        return " ".join(sorted(flags))
     import platform
 
     return platform.processor() or platform.machine()

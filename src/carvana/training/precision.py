@@ -38,20 +38,26 @@ class Precision:
         return f"precision: {what} ({self.reason})"
 
 
+def cpuinfo_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The kernel's list of CPU instruction-set flags (Linux); an empty set elsewhere."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return flags
+
+
 def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The native-bf16 CPU features present, e.g. ['amx_bf16', 'avx512_bf16']; [] if none.
 
     Reads the kernel's flag list (Linux); elsewhere asks torch's own CPU detection (what
     oneDNN dispatches on), where AMX tiles stand for AMX-BF16 (every AMX CPU has both).
     """
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        text = ""
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    flags = cpuinfo_flags(cpuinfo)
     if flags:
         return [f for f in CPU_BF16_FLAGS if f in flags]
     probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
