@@ -49,6 +49,10 @@ BOUNDARY_WEIGHT = 1.0  # BCE weight (up to) on a band around the true mask's edg
 BOUNDARY_BAND = 2  # half-width of that band in network-input pixels
 BOUNDARY_DICE = False  # weight the band's pixels in the Dice term too
 GRAD_CLIP = 0.0  # max gradient norm; 0 = off
+EMA = 0.0  # decay of an exponential moving average of the weights and BatchNorm statistics (e.g. 0.998); validation, best.pt and prediction use the average; 0 = off
+LOVASZ = 0.0  # binary: the last fraction of training (of --epochs, or of the --time-budget clock) fine-tunes with the Lovasz hinge loss instead of BCE + Dice; 0 = off
+REFIT = False  # with --folds K: once the folds are scored (threshold chosen on OOF), train one model on every car (output/models/<run>/refit) and predict with it
+REFIT_BUDGET = 0.0  # minutes of training for --refit (0 = the folds' --time-budget, or their --epochs without one)
 # --- pseudo-labels / distillation (docs/pseudo-labels.md) ------------------------------
 TEACHER = ""  # checkpoints or run folders (as --ensemble): their predictions on unlabeled images become extra training targets
 UNLABELED = "test"  # images the teacher labels: test (the data set's test images), a FOLDER of photos, or test,FOLDER
@@ -63,7 +67,7 @@ AMP = True  # mixed precision: bf16 (else fp16) on CUDA, bf16 on CPUs with nativ
 ENGINE = "auto"  # CPU prediction (test set, ensembles, OOF, teacher labels): auto | torch | openvino | onnxruntime; auto = OpenVINO where installed (measured fastest, bench/engine.py), CUDA: torch
 EVAL_STREAMS = 0  # CPU validation and prediction: batches run at once, one thread each (0 = one per core, up to 4; measured ~1.4x on 2 cores); CUDA: 1
 CHANNELS_LAST = True  # channels_last memory format: CUDA, and CPU inference (measured faster; CPU training stays NCHW, measured slower)
-COMPILE = False  # torch.compile the model (CUDA only)
+COMPILE = False  # torch.compile the network (inductor): CUDA training and eval; CPU: the training step (bench/train_speed.py), compiled in the first minutes of training
 SYNC_BATCHNORM = False  # SyncBatchNorm under torchrun (small per-GPU batches)
 DIST_TIMEOUT = 1800.0  # seconds a torchrun process waits at a collective for a hung peer before failing
 RUN_NAME = ""  # run name for output/models/<run> and logs/<run>; empty = a timestamp
@@ -73,6 +77,8 @@ CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's b
 # --- prediction / submission ---------------------------------------------------------
 THRESHOLD = "0.5"  # probability above which a pixel is car; 'auto' = best of 0.30..0.70 on OOF Dice (needs --folds)
 TTA = True  # average with the horizontally flipped prediction
+INT8 = False  # CPU engines: predict with an int8 model (NNCF post-training quantization calibrated on training images); refused when validation Dice drops by more than --int8-max-drop
+INT8_MAX_DROP = 0.0005  # largest validation Dice drop --int8 accepts against the same engine in fp32/bf16
 ENSEMBLE = ""  # checkpoints or run folders (= their fold models), space/comma separated: predict with their average
 ENSEMBLE_WEIGHTS = ""  # one weight per ensemble member (normalised); "" = equal
 PREDICT_BATCH_SIZE = 8  # images per forward pass when predicting the test set

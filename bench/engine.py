@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Prediction engines A/B: torch against OpenVINO (bf16 where the CPU has it, and fp32) and
-ONNX Runtime, interleaved round by round, through the real prediction path.
+"""Prediction engines A/B: torch against OpenVINO (bf16 where the CPU has it, and fp32, and int8)
+and ONNX Runtime, interleaved round by round, through the real prediction path.
 
 Each variant runs what ``python main.py --no-train`` runs (``load_members`` with ``--engine``,
 ``predict_to_submission``: batch 8, 2 loader workers, 2 post-processing threads, flip TTA,
@@ -8,8 +8,12 @@ fast decode, automatic evaluation streams) on N images made as bench/kaggle_scal
 them (official test names, each a link to one of the 64 real test photos in turn). Per variant:
 images/s (median over rounds), the main process's CPU-ms per image, the images/s of the
 prediction step alone (network, TTA, activation: no decoding or post-processing), the compile time (the
-first compile, cache emptied, counted apart), and the Dice of its submission against the true
-masks of ``../shared/carvana-sample`` (test_solution.csv) and against torch's masks.
+first compile, cache emptied, counted apart; for int8 it includes NNCF's quantization), and the
+Dice of its submission against the true masks of ``../shared/carvana-sample`` (test_solution.csv)
+and against torch's masks. The int8 variants (``--int8``, training/quantize.py) are calibrated on
+the sample's TRAIN images, as main.py calibrates on training images: ``openvino-int8`` keeps the
+first and last convolutions in float, ``openvino-int8-fullres`` also the full-resolution ones;
+``openvino-int8-fp32`` is ``openvino-int8`` with ``--no-amp`` (its float layers in fp32).
 
 Usage (from the repository root)::
 
@@ -39,12 +43,26 @@ from carvana.submission.scoring import score_submission  # noqa: E402
 from carvana.submission.sharded import predict_to_submission  # noqa: E402
 from carvana.submission.validate import expected_names  # noqa: E402
 from carvana.training import engines  # noqa: E402
+from carvana.training.quantize import CALIBRATION_IMAGES, Int8Spec, spread  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 OFFICIAL = SHARED / "carvana-official" / "sample_submission.csv"
 SAMPLE = SHARED / "carvana-sample"
-VARIANTS = {"torch": ("torch", True), "torch-fp32": ("torch", False), "openvino": ("openvino", True), "openvino-fp32": ("openvino", False),
-            "onnxruntime": ("onnxruntime", False)}
+# name: (engine, amp, int8 scope or None)
+VARIANTS = {"torch": ("torch", True, None), "torch-fp32": ("torch", False, None), "openvino": ("openvino", True, None),
+            "openvino-fp32": ("openvino", False, None), "onnxruntime": ("onnxruntime", False, None),
+            "openvino-int8": ("openvino", True, "ends"), "openvino-int8-fullres": ("openvino", True, "full-resolution"),
+            "openvino-int8-fp32": ("openvino", False, "ends")}
+
+
+def load_variant(checkpoint: Path, variant: str, cache: Path) -> list:
+    """The checkpoint loaded as main.py loads it for ``variant`` (int8: calibrated on train images)."""
+    engine, amp, scope = VARIANTS[variant]
+    engines.CACHE_DIR = cache
+    int8 = None
+    if scope is not None:
+        int8 = [Int8Spec(tuple(spread(sorted((SAMPLE / "train").glob("*.jpg")), CALIBRATION_IMAGES)), scope)]
+    return load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine, int8=int8)
 
 
 def link(folder: Path, names: list[str], photos: list[Path]) -> list[Path]:
@@ -59,9 +77,7 @@ def link(folder: Path, names: list[str], photos: list[Path]) -> list[Path]:
 def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, cache: Path,
             batch: int = 8) -> tuple[float, float, float]:
     """(seconds, main-process CPU seconds, compile seconds) of one prediction into ``output``."""
-    engine, amp = VARIANTS[variant]
-    engines.CACHE_DIR = cache
-    predictor = EnsemblePredictor(load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine), progress=False)
+    predictor = EnsemblePredictor(load_variant(checkpoint, variant, cache), progress=False)
     member = predictor.members[0].classifier
     start = time.perf_counter()
     if member.engine is not None:
@@ -83,9 +99,7 @@ def network_rate(checkpoint: Path, variant: str, batch: int, batches: int, cache
     from carvana.submission.ensemble import size_key
     from carvana.training.streams import ordered_map
 
-    engine, amp = VARIANTS[variant]
-    engines.CACHE_DIR = cache
-    predictor = EnsemblePredictor(load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine), progress=False)
+    predictor = EnsemblePredictor(load_variant(checkpoint, variant, cache), progress=False)
     hw = output_size(predictor.members[0].config)
     item = {size_key(hw): torch.randint(0, 256, (batch, 3, *hw), dtype=torch.uint8), "name": ["x"] * batch,
             "ok": torch.ones(batch, dtype=torch.bool)}
@@ -116,7 +130,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="torch,openvino,openvino-fp32,onnxruntime",
-                        help="the first is the baseline; also torch-fp32 (--no-amp), for what a CPU without bf16 runs")
+                        help="the first is the baseline; also torch-fp32 (--no-amp), for what a CPU without bf16 "
+                             "runs, and openvino-int8, openvino-int8-fullres, openvino-int8-fp32 (--int8; the "
+                             "last with --no-amp)")
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (main.py's --predict-batch-size)")
     args = parser.parse_args()

@@ -148,3 +148,116 @@ def test_segment_runs_the_same_graph_on_inputs_that_hold_their_margin(arch, size
     got = seg.probabilities(photos)
     assert seg.engine.compiled(True) is not None and got.shape == want.shape == (2, *size)
     assert abs(got - want).mean() < 1e-3 and ((got > 0.5) == (want > 0.5)).mean() > 0.999
+
+
+# --- --int8 (training/quantize.py): NNCF's int8 graph on OpenVINO -------------------------------------------
+
+
+def drawn_cars(n, size, seed):
+    """uint8 (n, 3, H, W) photos of an ellipse 'car' on a noisy background, and its (n, H, W) masks."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
+    centre, radius = torch.rand(n, 2, generator=g) * 0.6 - 0.3, torch.rand(n, 2, generator=g) * 0.3 + 0.3
+    masks = (((xx - centre[:, :1, None]) / radius[:, :1, None]) ** 2
+             + ((yy - centre[:, 1:, None]) / radius[:, 1:, None]) ** 2) < 1
+    car, ground = torch.tensor([200.0, 60, 120]), torch.tensor([70.0, 130, 60])
+    photos = torch.where(masks[:, None], car[None, :, None, None], ground[None, :, None, None])
+    photos = photos + 25 * torch.randn(n, 3, *size, generator=g)
+    return photos.clamp(0, 255).to(torch.uint8), masks
+
+
+def trained_classifier(size=(64, 64), steps=60):
+    """A tiny UNet1024 trained briefly on drawn cars: confident maps, as int8 meets them in use."""
+    clf = classifier("unet1024", 1, size, 0.125)
+    config, model = clf.model_config, clf.model
+    photos, masks = drawn_cars(64, size, seed=1)
+    mean, std = torch.tensor(config.mean).view(1, 3, 1, 1), torch.tensor(config.std).view(1, 3, 1, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        i = torch.arange(8) + 8 * (step % 8)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model((photos[i].float() - mean) / std)[:, 0], masks[i].float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return clf
+
+
+def write_photos(folder, photos):
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, photo in enumerate(photos):
+        paths.append(folder / f"train{i:03d}_01.jpg")
+        cv2.imwrite(str(paths[-1]), photo.permute(1, 2, 0).numpy()[..., ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return paths
+
+
+def test_int8_gives_probabilities_close_to_float_and_calibrates_on_the_images_given_only(tmp_path, monkeypatch):
+    import carvana.data.datasets as datasets
+    from carvana.training.quantize import Int8Spec
+
+    read = []
+
+    class Spy(datasets.TestImageDataset):
+        def __getitem__(self, i):
+            read.append(self.images[i])
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(datasets, "TestImageDataset", Spy)
+    clf = trained_classifier()
+    calibration = write_photos(tmp_path / "train", drawn_cars(16, (64, 64), seed=2)[0])
+    digest = weights_digest(clf.model.state_dict())
+    attach_engine(clf, "openvino", digest, tmp_path / "engines")
+    float_slot = clf.engine
+    spec = Int8Spec(tuple(calibration))
+    attach_engine(clf, "openvino", digest, tmp_path / "engines", int8=spec)
+    photos, masks = drawn_cars(8, (64, 64), seed=3)  # unseen images
+    with clf.fixed_weights():
+        got = batch_probabilities(clf, {"image": photos}, True)
+        clf.engine, int8_slot = float_slot, clf.engine
+        want = batch_probabilities(clf, {"image": photos}, True)
+    compiled = int8_slot.compiled(True)
+    assert compiled.precision.startswith("int8") and (compiled.folder / "int8.xml").is_file()
+    assert compiled.folder != float_slot.compiled(True).folder  # int8 has a cache key of its own
+    assert sorted(set(read)) == sorted(calibration)  # calibration read these images and nothing else
+    assert float((want > 0.5).eq(masks).float().mean()) > 0.97  # the float model is trained-ish
+    assert float((got - want).abs().mean()) < 0.02, float((got - want).abs().mean())
+    assert float((got > 0.5).eq(want > 0.5).float().mean()) > 0.99
+
+
+def test_the_int8_graph_is_cached_under_its_scope_and_calibration_images(tmp_path):
+    from carvana.training.quantize import Int8Spec
+
+    clf = classifier("unet1024", 1, (64, 64), 0.125)
+    digest = weights_digest(clf.model.state_dict())
+    photos = write_photos(tmp_path / "train", drawn_cars(6, (64, 64), seed=4)[0])
+    folders = []
+    for spec in (Int8Spec(tuple(photos[:4])), Int8Spec(tuple(photos[:4])), Int8Spec(tuple(photos[2:])),
+                 Int8Spec(tuple(photos[:4]), "full-resolution")):
+        attach_engine(clf, "openvino", digest, tmp_path / "engines", int8=spec)
+        folders.append(clf.engine.compiled(False).folder)
+        if len(folders) == 1:
+            written = (folders[0] / "int8.xml").stat().st_mtime_ns
+    assert folders[0] == folders[1] and (folders[0] / "int8.xml").stat().st_mtime_ns == written  # reused, not redone
+    assert len(set(folders)) == 3  # other calibration images, another scope: other keys
+
+
+def test_the_scopes_keep_the_first_last_and_full_resolution_convolutions_in_float(tmp_path):
+    import openvino as ov
+
+    from carvana.training.engines import ProbabilityGraph, export_graph
+    from carvana.training.quantize import kept_in_float
+
+    clf = classifier("unet1024", 1, (64, 64), 0.125)
+    export_graph(ProbabilityGraph(clf.model, clf.model_config, True).eval(), (64, 64), tmp_path / "m.onnx")
+    model = ov.Core().read_model(str(tmp_path / "m.onnx"))
+    convs = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    ends, full = kept_in_float(model, "ends"), kept_in_float(model, "full-resolution")
+    assert ends == sorted({convs[0].get_friendly_name(), convs[-1].get_friendly_name()})
+    assert convs[-1].get_output_partial_shape(0)[1].get_length() == 1  # the 1x1 head
+    top = {op.get_friendly_name() for op in convs if op.get_output_partial_shape(0)[2].get_length() == 64}
+    assert set(full) == top | set(ends) and len(full) > len(ends)

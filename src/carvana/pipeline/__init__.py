@@ -7,6 +7,7 @@
   session  - what every run has: device, folders, settings record, clock, user errors
   fit      - model, task, classifier, loaders and one training function for every plan
   folds    - K car-grouped folds, out-of-fold scores, threshold, error gallery
+  refit    - --refit: one more model on every car once the folds chose the threshold
   binary   - the Carvana task: every plan ends in one streamed, validated submission
   multiclass - the multi-class task: palette PNG masks
   tune     - --tune N: an Optuna study whose trials are --no-predict runs

@@ -1,8 +1,9 @@
 """The binary Carvana task: every plan ends in the same streamed, validated submission.
 
-data -> [train: a single split | K folds] -> the models to predict with (the run's best.pt,
-its fold models, a checkpoint, or an ensemble) -> predict (streaming) -> validate -> [upload]
--> summary. Each plan only decides which models predict and with what threshold.
+data -> [train: a single split | K folds (+ a refit on every car)] -> the models to predict with
+(the run's best.pt, its fold models or its refit, a checkpoint, or an ensemble) -> predict
+(streaming) -> validate -> [upload] -> summary. Each plan only decides which models predict and
+with what threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from carvana.pipeline.fit import TaskData, train_model, training_config
 from carvana.pipeline.folds import run_folds
 from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_fold, parse_threshold
 from carvana.pipeline.pseudo import finish_round, pseudo_labels, round_finished, round_session
+from carvana.pipeline.refit import discard_stale_refit, refit_folders, refit_weights, run_refit
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
@@ -89,13 +91,16 @@ def run_binary(session: Session, plan: str) -> int:
 def train_students(session: Session, data: TaskData, plan: str, threshold: float, auto: bool,
                    info: dict[str, Any]) -> tuple[list[Path], float]:
     """Train the run (a single split or its folds): with --teacher, after --pseudo-rounds - 1
-    earlier students (each the next round's teacher), on batches mixing in pseudo-labels."""
+    earlier students (each the next round's teacher), on batches mixing in pseudo-labels. Only
+    the last student refits (--refit): it is the one submitted; earlier ones teach as fold models."""
     hp = session.hp
     config, teacher = training_config(hp, 1, fresh=False), hp.teacher
+    if plan == FOLDS:
+        discard_stale_refit(session)
     for r in range(1, hp.pseudo_rounds if teacher else 1):  # earlier students, each the next round's teacher
         sub = round_session(session, r, parse_fold(hp.fold, hp.folds) if plan == FOLDS else None)
         if not round_finished(sub):
-            train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {})
+            train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {}, refit=False)
             finish_round(sub, teacher)
         teacher = str(sub.models_dir)
     pseudo = pseudo_labels(session, data, config, teacher)
@@ -103,10 +108,13 @@ def train_students(session: Session, data: TaskData, plan: str, threshold: float
 
 
 def fold_models(session: Session, threshold: float, info: dict[str, Any]) -> tuple[list[Path], float]:
-    """--folds K --no-train: predict with the run's fold models and the threshold they record
-    (the one OOF chose), unless --threshold is given; reads the run, writes nothing to it."""
+    """--folds K --no-train: predict with the run's fold models (its refit, for a --refit run: what
+    it submitted) and the threshold they record (the one OOF chose), unless --threshold is given;
+    reads the run, writes nothing to it."""
     hp = session.hp
     paths = [session.models_dir / f"fold{f}" / "best.pt" for f in parse_fold(hp.fold, hp.folds)]
+    if hp.refit:
+        paths = [refit_weights(session, info)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise PlanError(f"--no-train needs weights: fold model(s) missing: {', '.join(missing)}; train them "
@@ -122,9 +130,10 @@ def fold_models(session: Session, threshold: float, info: dict[str, Any]) -> tup
 
 
 def train_plan(session: Session, data: TaskData, plan: str, threshold: float, auto: bool, pseudo: Any,
-               info: dict[str, Any]) -> tuple[list[Path], float]:
-    """Train a single split or the folds (with pseudo-labeled batches where ``pseudo``); returns
-    the models to predict with and the threshold, and adds the run's figures to ``info``."""
+               info: dict[str, Any], refit: bool = True) -> tuple[list[Path], float]:
+    """Train a single split or the folds, then (``refit`` and --refit) a model on every car (with
+    pseudo-labeled batches where ``pseudo``); returns the models to predict with and the
+    threshold, and adds the run's figures to ``info``."""
     if pseudo is not None:
         info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
     if plan == SINGLE:
@@ -139,7 +148,10 @@ def train_plan(session: Session, data: TaskData, plan: str, threshold: float, au
     result = run_folds(session, data, threshold, auto, pseudo)
     if result.summary:
         info["mean_oof_dice"] = result.summary["mean_oof_dice"]
-    return result.members, result.threshold
+    if not (refit and session.hp.refit):
+        return result.members, result.threshold
+    info["refit"] = run_refit(session, data, result.threshold, pseudo)  # at the threshold OOF chose
+    return [refit_folders(session)[0] / "best.pt"], result.threshold
 
 
 def finish_without_predicting(session: Session, data: TaskData, paths: list[Path], threshold: float,
@@ -162,9 +174,17 @@ def submit(session: Session, data: TaskData, paths: list[Path], threshold: float
         weights = parse_weights(hp.ensemble_weights, len(paths))
     except ValueError as exc:
         raise PlanError(str(exc)) from None
+    int8 = None
+    if hp.int8:  # refused here in one line where it cannot run; else each member's calibration and held-out images
+        from carvana.training.quantize import plan_int8
+
+        int8 = plan_int8(hp, session.device, data, paths, session.models_dir,
+                         session.log_dir / "folds.csv" if hp.folds else None)
     # Binary models only: load_members refuses a multi-class checkpoint rather than read class 0.
     predictor = EnsemblePredictor(load_members(paths, weights, session.device, hp.amp, hp.channels_last,
-                                               hp.eval_streams, hp.engine))
+                                               hp.eval_streams, hp.engine, int8.specs if int8 else None))
+    if int8:  # the accuracy gate, before any test image: a drop above --int8-max-drop is one line, exit 1
+        info["int8_gate"] = int8.gate(predictor.members, threshold)
     if session.main:
         print(f"prediction: {predictor.describe()}, threshold {threshold:g}")
     names, output = [p.name for p in data.test_images], Path(hp.output)

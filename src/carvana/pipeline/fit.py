@@ -27,6 +27,7 @@ from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint, \
     load_model
 from carvana.training.classifier import CarvanaClassifier
+from carvana.training.epoch import TrainingSettingError
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
 from carvana.training.losses import BCEDiceLoss
 from carvana.training.tasks import MULTICLASS_COLUMNS, BinaryTask, MultiClassTask
@@ -102,16 +103,20 @@ def task_for(hp: SimpleNamespace, data: TaskData) -> BinaryTask | MultiClassTask
 
 def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelConfig, device: str,
                    task: Any) -> CarvanaClassifier:
-    """A CarvanaClassifier with every training setting, the same for every plan and task."""
-    return CarvanaClassifier(
-        model, model_config=config, task=task, freeze_encoder_epochs=hp.freeze_encoder_epochs,
-        time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
-        weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
-        channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
-        eval_streams=hp.eval_streams,
-        # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
-        threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
-    )
+    """A CarvanaClassifier with every training setting, the same for every plan and task; a setting
+    out of its range (--ema, --lovasz) is a PlanError naming the flag."""
+    try:
+        return CarvanaClassifier(
+            model, model_config=config, task=task, freeze_encoder_epochs=hp.freeze_encoder_epochs,
+            time_budget=hp.time_budget * 60, epochs=hp.epochs, lr=hp.lr, optimizer=hp.optimizer,
+            weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
+            channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
+            eval_streams=hp.eval_streams, ema=hp.ema, lovasz=hp.lovasz,
+            # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
+            threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
+        )
+    except TrainingSettingError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def make_train_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate: Callable | None = None) -> DataLoader:

@@ -18,7 +18,7 @@ SINGLE, FOLDS, ENSEMBLE, PREDICT = "single split", "folds", "ensemble", "predict
 BINARY_ONLY = ("hq", "threshold", "test_sample_size", "chunk_size", "postprocess_workers", "submit", "message",
                "bce_weight", "boundary_weight", "boundary_band", "boundary_dice", "ensemble", "ensemble_weights",
                "folds", "fold", "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
-               "pseudo_rounds")
+               "pseudo_rounds", "lovasz", "refit", "refit_budget", "int8", "int8_max_drop")
 PSEUDO = ("unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain", "pseudo_rounds")  # they shape --teacher's labels
 MULTICLASS_ONLY = ("ce_weight", "class_weights", "class_names", "test_dir")
 
@@ -80,7 +80,39 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
     parse_threshold(str(hp.threshold), hp.folds)
     if hp.folds:
         parse_fold(hp.fold, hp.folds)
+    check_refit(hp, given)
+    check_fractions(hp)
     check_student(task, plan, hp, given)
+
+
+def check_fractions(hp: SimpleNamespace) -> None:
+    """--ema and --lovasz in [0, 1), refused before any work (the classifier checks them the
+    same way, with the same function); --tune's check calls this too."""
+    from carvana.training.epoch import TrainingSettingError, check_fraction  # torch: only once settings parse
+
+    try:
+        check_fraction("--ema", hp.ema, "a decay (e.g. 0.998)")
+        check_fraction("--lovasz", hp.lovasz, "a fraction of training")
+    except TrainingSettingError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def check_refit(hp: SimpleNamespace, given: dict[str, str]) -> None:
+    """--refit (one more model on every car, after K folds chose the threshold out of fold) and
+    --refit-budget (its training minutes); --tune's check calls this too."""
+    refuse = _refuser(given)
+    if hp.refit_budget < 0:
+        raise PlanError(f"--refit-budget {hp.refit_budget:g}: expected minutes >= 0 (0 = the folds' own "
+                        "--time-budget, or their --epochs without one)")
+    if "refit_budget" in given and not hp.refit:
+        refuse("refit_budget", "it is the training time of --refit; add --refit")
+    if not hp.refit:
+        return
+    if not hp.folds:
+        refuse("refit", "it trains on every car once K folds have chosen the threshold out of fold; add --folds K")
+    if getattr(hp, "tune", 0):
+        refuse("refit", "--tune's trials are selected on their OOF Dice and never predict, so a refit would be "
+                        "wasted; refit the best trial (--config logs/<study>/best.toml --refit)")
 
 
 def check_student(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str]) -> None:

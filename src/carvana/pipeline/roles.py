@@ -52,10 +52,14 @@ ROLES: dict[str, Role] = {
              "grad_clip", "augment", "crop", "threshold", tunable=True),
     # A budget, a download and a decoding choice: given by the user, measured elsewhere, never searched.
     **_roles(LEARNING, "time_budget", "encoder_weights", "fast_decode"),
+    # Weight averaging and the Lovasz fine-tune change what a trial trains: a study may search them.
+    **_roles(LEARNING, "ema", "lovasz", tunable=True),
+    # The refit trains after the OOF figures a study selects on, so searching it would change nothing.
+    **_roles(LEARNING, "refit", "refit_budget"),
     **_roles(STUDENT, "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
              "pseudo_rounds"),
     **_roles(PREDICTION, "test_sample_size", "test_dir", "tta", "predict_batch_size", "chunk_size",
-             "postprocess_workers"),
+             "postprocess_workers", "int8", "int8_max_drop"),
     **_roles(MACHINE, "data_dir", "data_root", "workers", "device", "amp", "engine", "eval_streams", "channels_last",
              "compile", "sync_batchnorm", "dist_timeout", "keep_last", "output"),
     **_roles(INVOCATION, "train", "resume", "run_name", "checkpoint", "fold", "ensemble", "ensemble_weights",

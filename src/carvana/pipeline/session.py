@@ -116,6 +116,10 @@ def open_session(command: Command, decide: Callable[[SimpleNamespace], tuple[str
     try:  # the classifiers choose again with the same functions; refused here, before anything is written
         choose_eval_streams(torch.device(device), hp.eval_streams)
         choose_engine(hp.engine, torch.device(device))
+        if getattr(hp, "int8", False) and hp.predict:  # NNCF only where --int8 is asked for
+            from carvana.training.quantize import check_int8
+
+            check_int8(hp.engine, torch.device(device))
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     main = dist.is_main_process()

@@ -30,7 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from carvana.data.secrets import redact
 from carvana.pipeline import decide, run_command
-from carvana.pipeline.plans import BINARY, FOLDS, MULTICLASS, SINGLE, choose_plan, choose_task
+from carvana.pipeline.plans import BINARY, FOLDS, MULTICLASS, SINGLE, check_fractions, check_refit, choose_plan, \
+    choose_task
 from carvana.pipeline.roles import INVOCATION, TUNABLE, identity, recorded, role
 from carvana.pipeline.runs import check_name, logs_dir
 from carvana.pipeline.session import USER_ERRORS, move_to_workspace, user_message
@@ -71,6 +72,8 @@ def check_tune(hp: SimpleNamespace, given: dict[str, str], task: str, plan: str)
         raise TuneError(f"--tune: cannot tune a run that does not train ({plan}): drop --no-train / --ensemble")
     if hp.fold != "all" and plan == FOLDS:
         raise TuneError("--fold: --tune with --folds K scores every fold (the mean OOF Dice); drop --fold")
+    check_refit(hp, given)  # refuses --refit: its trials never predict (each trial is checked with --tune 0)
+    check_fractions(hp)
     try:  # the pruner's own check, made once, before the first trial
         make_pruner(hp.tune_pruner, max_steps=1)
     except ValueError as exc:

@@ -67,14 +67,21 @@ class Member:
 def member_paths(spec: str) -> list[Path]:
     """Checkpoints named by a space- or comma-separated list of paths.
 
-    A file is a checkpoint; a folder means its fold models (``fold*/best.pt``) or, for a
-    single run, its ``best.pt``.
+    A file is a checkpoint; a folder means the model(s) its run submitted: a ``--refit`` run's
+    ``refit/best.pt`` (the model trained on every car; its fold models only chose the threshold),
+    else its fold models (``fold*/best.pt``) or, for a single run, its ``best.pt``. An
+    unfinished refit is refused rather than replaced by the folds (name them as files instead).
     """
     paths: list[Path] = []
     for item in (s for s in re.split(r"[,\s]+", spec.strip()) if s):
         p = Path(item)
         if p.is_file():
             paths.append(p)
+        elif (p / "refit").is_dir():  # pipeline/refit.py's layout: refit.json is written once it is finished
+            if not (p / "refit" / "refit.json").is_file() or not (p / "refit" / "best.pt").is_file():
+                raise CheckpointError(f"{p / 'refit'}: the refit did not finish (no refit.json); finish it with "
+                                      f"--resume --run-name {p.name}, or name the fold models ({p}/fold*/best.pt)")
+            paths.append(p / "refit" / "best.pt")
         elif p.is_dir():
             folds = sorted(p.glob("fold*/best.pt"), key=lambda q: int(re.sub(r"\D", "", q.parent.name) or 0))
             found = folds or ([p / "best.pt"] if (p / "best.pt").is_file() else [])
@@ -103,12 +110,13 @@ def parse_weights(text: str, n: int) -> list[float]:
 
 def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | torch.device = "cpu",
                  amp: bool = True, channels_last: bool = True, eval_streams: int = 0,
-                 engine: str = "torch") -> list[Member]:
+                 engine: str = "torch", int8: Sequence[Any] | None = None) -> list[Member]:
     """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction.
     ``eval_streams``: batches predicted at once on a CPU (0 = one per core; training/streams.py);
-    ``engine``: --engine (training/engines.py)."""
+    ``engine``: --engine (training/engines.py); ``int8``: one ``Int8Spec`` per member for --int8
+    (training/quantize.py), else float."""
     members = []
-    for path, weight in zip(paths, weights):
+    for i, (path, weight) in enumerate(zip(paths, weights)):
         model, config, state = load_model(path, map_location="cpu")
         if config.classes != 1:
             raise CheckpointError(f"{path}: a {config.classes}-class model, which cannot predict the binary Carvana "
@@ -116,7 +124,7 @@ def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | 
         clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
                                 progress=False, preview_count=0, model_config=config, eval_streams=eval_streams)
         digest = weights_digest(state["model"])
-        attach_engine(clf, engine, digest)
+        attach_engine(clf, engine, digest, int8=int8[i] if int8 else None)
         members.append(Member(Path(path), clf, config, float(weight), digest))
     return members
 

@@ -10,6 +10,7 @@
   streams           - CPU evaluation streams: one batch per core at once, results in order
   evaluation        - the binary validation and the prediction loop (functions of the trainer)
   epoch             - the steps of one training epoch (a function of the trainer, as evaluation's are)
+  averaging         - --ema: an exponential moving average of the weights and BatchNorm statistics
   classifier        - CarvanaClassifier: the training loop; epoch steps, validate / predict delegate
   logging_callbacks - console line, metrics.csv, TensorBoard, preview PNGs
 

@@ -7,6 +7,10 @@ Format 2 stores the model's construction config (``model_config``, see
 ``carvana.models.registry.ModelConfig``), so a checkpoint rebuilds its own network.
 Format 1 (no config) still loads: its config is derived from its hyperparameters
 (those checkpoints were all UNet1024, one class).
+
+With ``--ema`` a checkpoint's ``"model"`` holds the averaged weights (what validation scored,
+so what ``best.pt`` is best by and what every prediction path loads) and an ``"ema"`` entry
+holds what ``--resume`` needs besides (training/averaging.py); checkpoints without it load as before.
 """
 
 from __future__ import annotations

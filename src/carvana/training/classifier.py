@@ -2,9 +2,11 @@
 
 Device handling is in one place here: mixed precision and channels_last where they pay
 (bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, channels_last on both; chosen in
-training/precision.py), and on CUDA non-blocking copies and optionally torch.compile. Loss, metric and
-thresholded masks are always computed in fp32 from the logits. The steps of one training epoch
-are training/epoch.py; validation and prediction training/evaluation.py.
+training/precision.py), on CUDA non-blocking copies, and optionally torch.compile (on a CPU the
+training step only). Loss, metric and thresholded masks are always computed in fp32 from the
+logits. The steps of one training epoch are training/epoch.py; validation and prediction
+training/evaluation.py. With ``--ema`` validation (and so the best checkpoint) uses the weight
+average, which checkpoints store as their "model" (training/averaging.py); with ``--lovasz`` the end of training steps on the Lovász hinge loss.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, en
 from carvana.data.image_tensors import mirror_pad, normalize_images
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training import epoch as epoch_steps
+from carvana.training.epoch import TrainingSettingError, check_fraction
 from carvana.training import evaluation
-from carvana.training.losses import BCEDiceLoss
+from carvana.training.averaging import WeightAverage, checkpoint_entries, restore
+from carvana.training.losses import BCEDiceLoss, LovaszHingeLoss
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
 from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
@@ -64,7 +68,11 @@ class CarvanaClassifier:
         freeze_encoder_epochs: int = 0,
         time_budget: float = 0.0,
         eval_streams: int = 0,
+        ema: float = 0.0,
+        lovasz: float = 0.0,
     ) -> None:
+        check_fraction("--ema", ema, "a decay (e.g. 0.998)")
+        check_fraction("--lovasz", lovasz, "a fraction of training")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
@@ -81,8 +89,9 @@ class CarvanaClassifier:
         # Validation and prediction run the plain (or compiled) module: ranks may see
         # different numbers of batches there, and DDP's forward could wait on a peer.
         self.eval_net: nn.Module = self.model
-        if compile and cuda:
-            self.net, self.eval_net = torch.compile(self.net), torch.compile(self.model)
+        if compile:  # CPU: only the training step (evaluation runs the folded inference copy below)
+            self.net = torch.compile(self.net)
+            self.eval_net = torch.compile(self.model) if cuda else self.model
         # CPU validation and prediction run a copy with BatchNorm folded into the convolutions
         # and weights cast once to the run's precision (training/inference.py), channels_last
         # unless --no-channels-last (faster for CPU inference, slower for CPU training).
@@ -98,6 +107,11 @@ class CarvanaClassifier:
         self.task = task if task is not None else BinaryTask(loss_fn if loss_fn is not None
                                                               else BCEDiceLoss(bce_weight, dice_weight))
         self.loss_fn = self.task.loss_fn
+        if lovasz > 0 and not isinstance(self.task, BinaryTask):
+            raise TrainingSettingError(f"--lovasz {lovasz:g}: the Lovasz hinge loss is for the binary task only")
+        self.lovasz, self.lovasz_loss = lovasz, LovaszHingeLoss()  # the last `lovasz` of training steps on it
+        # --ema: validation, best.pt and prediction use this average of the weights (training/averaging.py).
+        self.average = WeightAverage(self.model, ema) if ema > 0 else None
         self.monitor = self.task.monitor
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
@@ -118,7 +132,7 @@ class CarvanaClassifier:
         self.freeze_encoder_epochs = freeze_encoder_epochs
         # Seconds of training (train + validation) per session; the cosine LR follows the clock.
         self.time_budget = time_budget
-        self._budget_start, self._budget_spent = time.perf_counter(), False
+        self._budget_start, self._budget_spent, self._budget_used = time.perf_counter(), False, 0.0
         if time_budget > 0 and scheduler.lower() == "cosine":
             self.scheduler = None
         self.threshold = threshold
@@ -128,7 +142,7 @@ class CarvanaClassifier:
         self.epoch = -1  # last completed epoch
         self.resumed_from_epochs: int | None = None  # set by load_state_dict when --epochs changed
         self.best_metric = -math.inf
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -143,6 +157,11 @@ class CarvanaClassifier:
     def eval_forward(self, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the network in eval mode: what validation and prediction run."""
         return eval_logits(self.eval_net, self.model, images, self.inference, self.device.type, self.amp_dtype)
+
+    def averaged_weights(self) -> AbstractContextManager:
+        """Context in which ``model`` holds the --ema average (its training weights are back on exit);
+        a no-op without averaging."""
+        return self.average.swapped_into(self.model) if self.average is not None else nullcontext()
 
     def fixed_weights(self):
         """Context for an eval loop: puts the network in eval mode; the weights don't change
@@ -161,9 +180,10 @@ class CarvanaClassifier:
         return self.task.target_to_device(m, self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, optimiser, scheduler, scaler, progress."""
+        """Everything needed to resume: model, optimiser, scheduler, scaler, progress. With --ema,
+        "model" is the average and "ema" holds the training weights (training/averaging.py)."""
         return {
-            "model": self.model.state_dict(),
+            **checkpoint_entries(self.model, self.average),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -173,16 +193,18 @@ class CarvanaClassifier:
         }
 
     def load_state_dict(self, state: dict[str, Any], weights_only: bool = False, path: str = "checkpoint") -> None:
-        """Restore a state_dict(); ``weights_only`` restores just the model (for prediction).
+        """Restore a state_dict(); ``weights_only`` restores just the model (for prediction: the
+        average, where the checkpoint has one), else the training weights and the average too.
 
         Weights of another architecture or width raise CheckpointError naming ``path`` and
         both models. A cosine schedule written by a run with another epoch count continues
         as if this run had been started with ``self.epochs`` (``self.resumed_from_epochs``
         then holds the old count).
         """
-        load_model_weights(self.model, state, path, self.model_config)
         if weights_only:
+            load_model_weights(self.model, state, path, self.model_config)
             return
+        restore(self.model, self.average, state, path, self.model_config)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -204,20 +226,20 @@ class CarvanaClassifier:
         epochs = self.epochs if epochs is None else epochs
         cbs = CallbackList(callbacks)
         cbs.on_train_start(self, self.epoch + 1, epochs)
-        self._budget_start, self._budget_spent = time.perf_counter(), False
+        self._budget_start, self._budget_spent, self._budget_used = time.perf_counter(), False, 0.0
         try:
             for epoch in range(self.epoch + 1, epochs):
                 start = time.perf_counter()
                 dist.set_epoch(train_loader, epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
-                train_loss, train_images = self._train_one_epoch(train_loader, epoch, epochs)
+                train_loss, train_images, loss_fn = self._train_one_epoch(train_loader, epoch, epochs)
                 # Throughput of the training steps alone (loader waits included, validation not).
-                metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
-                                             "train_images": train_images,
-                                             "train_seconds": time.perf_counter() - start}
+                metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "loss_fn": loss_fn,
+                                           "train_images": train_images, "train_seconds": time.perf_counter() - start}
                 preview = None
                 if valid_loader is not None:
-                    valid_metrics, preview = self.task.validate(self, valid_loader)
+                    with self.averaged_weights():
+                        valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
                 self._step_scheduler(metrics)
                 self.epoch = epoch
@@ -240,7 +262,7 @@ class CarvanaClassifier:
     def _budget_check(self) -> bool:
         """--time-budget: True once the training steps have used it up (rank 0's clock decides, so
         all ranks stop at the same step); until then the cosine LR follows the clock, per step."""
-        used = dist.broadcast_object(time.perf_counter() - self._budget_start)
+        used = self._budget_used = dist.broadcast_object(time.perf_counter() - self._budget_start)
         if used >= self.time_budget:
             self._budget_spent = True
         elif self.scheduler is None and self.scheduler_name.lower() == "cosine":
@@ -249,9 +271,9 @@ class CarvanaClassifier:
                 group["lr"] = base * (0.01 + 0.99 * (1 + math.cos(math.pi * used / self.time_budget)) / 2)
         return self._budget_spent
 
-    def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int]:
+    def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int, str]:
         """One pass (or, under --time-budget, what the budget leaves of it): (mean loss, images seen
-        by this process). The steps are training/epoch.py's."""
+        by this process, the loss it stepped on). The steps are training/epoch.py's."""
         return epoch_steps.train_one_epoch(self, loader, epoch, epochs)
 
     def _step_scheduler(self, metrics: dict[str, float]) -> None:

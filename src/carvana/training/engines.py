@@ -14,6 +14,7 @@ outside, shared with the torch path.
 * ``onnxruntime``: the same ONNX graph on ONNX Runtime's CPU provider (fp32).
 * ``torch``: the eager path (``training/inference.py``); always the engine on CUDA.
 * ``auto``: see :func:`choose_engine` (the rule and its figures: bench/README.md).
+* ``--int8``: OpenVINO runs the graph NNCF quantized (training/quantize.py), its own cache key.
 
 Compile once: the ONNX graph and OpenVINO's compiled blob are kept under
 ``output/engines/<key>/``, keyed on the weights' content, the model config, TTA, the engine
@@ -192,14 +193,16 @@ def _onnxruntime(onnx: Path, streams: int) -> tuple[Any, str]:
 
 
 def compile_engine(name: str, model: nn.Module, config: ModelConfig, digest: str, tta: bool, amp: bool,
-                   streams: int, cache_dir: Path | None = None, pad: bool = True) -> CompiledEngine:
+                   streams: int, cache_dir: Path | None = None, pad: bool = True, int8: Any = None) -> CompiledEngine:
     """The prediction graph of ``model`` compiled by engine ``name`` (openvino | onnxruntime),
     from the on-disk cache when its key matches; a cache that fails to load is rebuilt once.
-    ``pad``: the graph mirrors the margin of a valid-convolution net itself (False: the input has it)."""
+    ``pad``: the graph mirrors the margin of a valid-convolution net itself (False: the input has it).
+    ``int8``: an ``Int8Spec`` (training/quantize.py): OpenVINO runs the graph NNCF quantized."""
     import time
 
     start = time.perf_counter()
-    folder = Path(cache_dir or CACHE_DIR) / cache_key(digest, config, tta, name, "auto" if amp else "f32", pad)
+    tag = ("auto" if amp else "f32") + (f":{int8.identity}" if int8 is not None else "")
+    folder = Path(cache_dir or CACHE_DIR) / cache_key(digest, config, tta, name, tag, pad)
     margin = arch_spec(config.arch).output_margin if pad else 0
     input_hw = tuple(config.input_size[i] - 2 * margin for i in (0, 1))
     for attempt in (0, 1):
@@ -209,8 +212,11 @@ def compile_engine(name: str, model: nn.Module, config: ModelConfig, digest: str
                 graph = ProbabilityGraph(model, config, tta, pad).eval()
                 export_graph(graph, input_hw, onnx)
                 write_json_atomic(folder / "key.json", {"engine": name, "tta": tta, "config": config.to_dict()})
-            run, precision = _openvino(onnx, folder, amp, streams) if name == "openvino" else _onnxruntime(onnx, streams)
+            graph_file = int8.quantized(onnx, folder, input_hw) if int8 is not None else onnx
+            run, precision = (_openvino(graph_file, folder, amp, streams) if name == "openvino"
+                              else _onnxruntime(onnx, streams))
             run(np.zeros((1, 3, *input_hw), dtype=np.uint8))  # a compiled model that cannot run is no cache
+            precision = f"int8, {precision} elsewhere" if int8 is not None else precision
             return CompiledEngine(name, run, precision, folder, time.perf_counter() - start)
         except Exception:
             if attempt:
@@ -226,16 +232,16 @@ class EngineSlot:
     asked for by name fails in one line instead."""
 
     def __init__(self, name: str, asked: str, model: nn.Module, config: ModelConfig, digest: str, amp: bool,
-                 streams: int, cache_dir: Path | None = None, pad: bool = True) -> None:
+                 streams: int, cache_dir: Path | None = None, pad: bool = True, int8: Any = None) -> None:
         self.name, self.asked, self.model, self.config, self.digest = name, asked, model, config, digest
-        self.amp, self.streams, self.cache_dir, self.pad = amp, streams, cache_dir, pad
+        self.amp, self.streams, self.cache_dir, self.pad, self.int8 = amp, streams, cache_dir, pad, int8
         self._compiled: dict[bool, CompiledEngine | None] = {}
         self._lock = threading.Lock()
 
     @property
     def identity(self) -> str:
         """What the submission fingerprint records: the engine and the precision asked of it."""
-        return f"{self.name}:{'auto' if self.amp else 'f32'}"
+        return f"{self.name}:{'auto' if self.amp else 'f32'}" + (f":{self.int8.identity}" if self.int8 else "")
 
     def compiled(self, tta: bool) -> CompiledEngine | None:
         """The compiled graph for ``tta``, or None where auto fell back to torch."""
@@ -249,9 +255,12 @@ class EngineSlot:
 
         try:
             engine = compile_engine(self.name, self.model, self.config, self.digest, tta, self.amp, self.streams,
-                                    self.cache_dir, self.pad)
+                                    self.cache_dir, self.pad, self.int8)
         except Exception as exc:  # noqa: BLE001  an engine that cannot compile this graph on this CPU
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            if self.int8 is not None:  # int8 was asked for: never a silent fall back to float torch
+                raise EngineError(f"--int8: cannot quantize or compile the prediction graph ({reason}); predict "
+                                  "without --int8") from None
             if self.asked != "auto":
                 raise EngineError(f"--engine {self.asked}: cannot compile the prediction graph ({reason}); "
                                   "--engine torch predicts without it") from None
@@ -263,11 +272,14 @@ class EngineSlot:
         return engine
 
 
-def attach_engine(classifier: Any, asked: str, digest: str, cache_dir: Path | None = None) -> str:
+def attach_engine(classifier: Any, asked: str, digest: str, cache_dir: Path | None = None, int8: Any = None) -> str:
     """Give ``classifier`` the engine ``--engine asked`` means here (its prediction paths then
-    run the compiled graph); returns the engine's name ('torch': nothing attached)."""
+    run the compiled graph); returns the engine's name ('torch': nothing attached). ``int8``:
+    an ``Int8Spec`` (--int8, training/quantize.py), OpenVINO only."""
     name = choose_engine(asked, classifier.device)
+    if int8 is not None and name != "openvino":
+        raise EngineError(f"--int8: quantizes the OpenVINO graph; --engine {asked} means {name} here")
     classifier.engine = None if name == "torch" else EngineSlot(
         name, asked, classifier.model, classifier.model_config, digest, classifier.amp_dtype is not None,
-        classifier.streams, cache_dir)
+        classifier.streams, cache_dir, int8=int8)
     return name

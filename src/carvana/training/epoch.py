@@ -5,11 +5,15 @@ masks to the device, forward under autocast, the loss in fp32, a check that the 
 on every rank (before backward, so no rank waits alone in DDP's all-reduce), backward through
 the gradient scaler, optional gradient clipping, the optimiser step. Under ``--freeze-encoder-epochs``
 the encoder keeps its weights and BatchNorm statistics; under ``--time-budget`` the epoch stops
-at the step that spends the budget.
+at the step that spends the budget. With ``--ema`` the weight average (training/averaging.py)
+follows each step; with ``--lovasz`` the last part of training steps on the Lovász hinge loss
+instead of the task's loss (:func:`uses_lovasz` says when). Validation always scores the task's
+loss, so ``valid_loss`` stays comparable across the switch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -19,20 +23,55 @@ from tqdm import tqdm
 from carvana.training import distributed as dist
 
 
-def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int]:
+class TrainingSettingError(ValueError):
+    """A training setting out of its range, with the flag named (pipeline/fit.py makes it a PlanError)."""
+
+
+def check_fraction(flag: str, value: float, what: str) -> None:
+    """TrainingSettingError unless 0 <= ``value`` < 1 (NaN is refused too): --ema, --lovasz."""
+    if not 0.0 <= value < 1.0:
+        raise TrainingSettingError(f"{flag} {value:g}: expected {what} in [0, 1); 0 = off")
+
+
+def uses_lovasz(trainer: Any, epoch: int) -> bool:
+    """Whether a step of ``epoch`` fine-tunes with the Lovász hinge (``trainer.lovasz`` = F > 0).
+
+    The last ceil(F * epochs) of the run's ``trainer.epochs``; under --time-budget also every step
+    once F of the budget's clock is left (``trainer._budget_used`` is the training time the previous
+    step's budget check measured), so a budget that ends the run early still gets its fine-tune.
+    """
+    if trainer.lovasz <= 0:
+        return False
+    # -1e-9: 0.3 * 10 is 3.0000000000000004 in floats, which must not round up to 4 epochs.
+    if epoch >= trainer.epochs - math.ceil(trainer.lovasz * trainer.epochs - 1e-9):
+        return True
+    return trainer.time_budget > 0 and trainer._budget_used >= (1.0 - trainer.lovasz) * trainer.time_budget
+
+
+def loss_name(loss_fn: Any) -> str:
+    """What a metrics row calls a loss: its ``name`` attribute, else its class name."""
+    return str(getattr(loss_fn, "name", type(loss_fn).__name__))
+
+
+def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int, str]:
     """One pass over ``loader`` (or, under --time-budget, what the budget leaves of it): (mean loss,
-    images seen by this process)."""
+    images seen by this process, the loss(es) it stepped on: e.g. "bce+dice", "lovasz" or, for an
+    epoch the budget's clock switched mid-way, "bce+dice,lovasz")."""
     trainer.net.train()
     frozen = trainer.encoder is not None and epoch < trainer.freeze_encoder_epochs
     if frozen:  # fine-tuning: the encoder keeps its weights and its BatchNorm statistics
         trainer.encoder.eval()
     total, count = torch.zeros((), device=trainer.device), 0
+    used: list[str] = []  # the losses stepped on, in order
     bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
         with trainer._autocast():
             logits = trainer.net(images)
-        loss = trainer.loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
+        loss_fn = trainer.lovasz_loss if uses_lovasz(trainer, epoch) else trainer.loss_fn
+        if not used or used[-1] != loss_name(loss_fn):
+            used.append(loss_name(loss_fn))
+        loss = loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
         check_finite_everywhere(loss, epoch, step)
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.scaler.scale(loss).backward()
@@ -44,6 +83,8 @@ def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: in
             nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.grad_clip)
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
+        if trainer.average is not None:  # after the step; frozen weights simply stay equal in the average
+            trainer.average.update(trainer.model)
         total += loss.detach() * images.shape[0]
         count += images.shape[0]
         if trainer.progress:
@@ -52,7 +93,9 @@ def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: in
             break
     # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
     dist.broadcast_buffers(trainer.model)
-    return dist.all_reduce_mean(total, count), count
+    if trainer.average is not None:
+        trainer.average.broadcast_buffers()
+    return dist.all_reduce_mean(total, count), count, ",".join(used)
 
 
 def check_finite_everywhere(loss: torch.Tensor, epoch: int, step: int) -> None:

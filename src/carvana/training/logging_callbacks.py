@@ -17,7 +17,7 @@ from carvana.data.files import write_bytes_atomic, write_text_atomic
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
 
-METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_dice", "lr", "seconds", "is_best")
+METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_dice", "lr", "seconds", "is_best", "loss_fn")
 
 
 def overlay_grid(preview: Preview, threshold: float = 0.5) -> np.ndarray:

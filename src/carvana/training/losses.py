@@ -1,6 +1,6 @@
-"""The training loss (BCE + soft Dice) and the competition Dice metric.
+"""The training losses (BCE + soft Dice; the Lovász hinge for --lovasz) and the competition Dice metric.
 
-The loss works on torch logits at network resolution. The metric works on
+The losses work on torch logits at network resolution. The metric works on
 numpy arrays at competition resolution (1280x1918), after the same
 upsample-and-threshold step the submission uses (:mod:`carvana.postprocess`),
 and scores each image on its own, as Kaggle does: the leaderboard number is
@@ -82,6 +82,8 @@ class BCEDiceLoss(nn.Module):
     ``boundary_dice`` the Dice term counts those pixels W times too. W = 1 is the plain loss.
     """
 
+    name = "bce+dice"  # what a metrics row calls it (training/epoch.py)
+
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, eps: float = 1.0,
                  boundary_weight: float = 1.0, boundary_band: int = 3, boundary_dice: bool = False) -> None:
         super().__init__()
@@ -111,6 +113,43 @@ class BCEDiceLoss(nn.Module):
                 dice = (weighted_soft_dice_per_image(logits, target, w, self.eps) if self.boundary_dice
                         else soft_dice_per_image(logits, target, eps=self.eps)).mean()
             return self.bce_weight * bce + self.dice_weight * (1.0 - dice)
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image Lovász hinge loss (Berman, Triki & Blaschko, CVPR 2018), averaged over the batch.
+
+    For each image, with signs s = 2y - 1 and hinge errors e = 1 - logit * s, the pixels are
+    sorted by error (descending) and ``sum(relu(e_sorted) * g)``, where ``g`` is the gradient of
+    the Jaccard loss along that order: the Lovász extension of the Jaccard loss at relu(e), a
+    convex surrogate of 1 - IoU. As the reference ``lovasz_hinge(per_image=True)``: an image with
+    an empty true mask gets ``g = (1, 0, ..., 0)``, i.e. the relu of its largest error. Targets
+    above 0.5 are car (soft pseudo-labels are hardened). Computed in float32 with autocast off,
+    all images at once (one sort per row). Takes (B, ...) logits and targets; returns a scalar.
+    """
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float().flatten(1)
+        labels = (target.flatten(1) > 0.5).float()
+        errors = 1.0 - logits * (2.0 * labels - 1.0)
+        errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+        gt_sorted = labels.gather(1, order)
+        # Jaccard loss of the first k pixels in error order, for every k (exact counts in fp32 up to 2^24 pixels).
+        positives = gt_sorted.sum(dim=1, keepdim=True)
+        intersection = positives - gt_sorted.cumsum(dim=1)
+        union = positives + (1.0 - gt_sorted).cumsum(dim=1)  # >= 1: never 0/0
+        jaccard = 1.0 - intersection / union
+        grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+        return (F.relu(errors_sorted) * grad).sum(dim=1).mean()
+
+
+class LovaszHingeLoss(nn.Module):
+    """:func:`lovasz_hinge` as a loss module: what ``--lovasz`` fine-tunes with instead of BCE + Dice."""
+
+    name = "lovasz"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lovasz_hinge(logits, target)
 
 
 def _as_bool_mask(a: np.ndarray, name: str) -> np.ndarray:
