@@ -6,7 +6,8 @@ training/precision.py), on CUDA non-blocking copies, and optionally torch.compil
 training step only). Loss, metric and thresholded masks are always computed in fp32 from the
 logits. The steps of one training epoch are training/epoch.py; validation and prediction
 training/evaluation.py. With ``--ema`` validation (and so the best checkpoint) uses the weight
-average, which checkpoints store as their "model" (training/averaging.py); with ``--lovasz`` the end of training steps on the Lovász hinge loss.
+average, which checkpoints store as their "model" (training/averaging.py); with ``--lovasz`` the
+end of training steps on the Lovász hinge loss.
 """
 
 from __future__ import annotations
