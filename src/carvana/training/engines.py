@@ -192,6 +192,12 @@ def _onnxruntime(onnx: Path, streams: int) -> tuple[Any, str]:
     return (lambda x: session.run(None, {"image": x})[0]), "f32"
 
 
+def precision_tag(amp: bool, int8: Any = None) -> str:
+    """The precision asked of an engine, as its cache key and the fingerprint name it: 'auto'
+    (bf16 where the CPU has it) or 'f32', plus the int8 graph's identity under --int8."""
+    return ("auto" if amp else "f32") + (f":{int8.identity}" if int8 is not None else "")
+
+
 def compile_engine(name: str, model: nn.Module, config: ModelConfig, digest: str, tta: bool, amp: bool,
                    streams: int, cache_dir: Path | None = None, pad: bool = True, int8: Any = None) -> CompiledEngine:
     """The prediction graph of ``model`` compiled by engine ``name`` (openvino | onnxruntime),
@@ -201,8 +207,7 @@ def compile_engine(name: str, model: nn.Module, config: ModelConfig, digest: str
     import time
 
     start = time.perf_counter()
-    tag = ("auto" if amp else "f32") + (f":{int8.identity}" if int8 is not None else "")
-    folder = Path(cache_dir or CACHE_DIR) / cache_key(digest, config, tta, name, tag, pad)
+    folder = Path(cache_dir or CACHE_DIR) / cache_key(digest, config, tta, name, precision_tag(amp, int8), pad)
     margin = arch_spec(config.arch).output_margin if pad else 0
     input_hw = tuple(config.input_size[i] - 2 * margin for i in (0, 1))
     for attempt in (0, 1):
@@ -241,7 +246,7 @@ class EngineSlot:
     @property
     def identity(self) -> str:
         """What the submission fingerprint records: the engine and the precision asked of it."""
-        return f"{self.name}:{'auto' if self.amp else 'f32'}" + (f":{self.int8.identity}" if self.int8 else "")
+        return f"{self.name}:{precision_tag(self.amp, self.int8)}"
 
     def compiled(self, tta: bool) -> CompiledEngine | None:
         """The compiled graph for ``tta``, or None where auto fell back to torch."""
