@@ -18,6 +18,12 @@ first and last convolutions in float, ``openvino-int8-fullres`` also the full-re
 Usage (from the repository root)::
 
     python bench/engine.py --checkpoint output/models/<run>/best.pt [--images 8192] [--rounds 2]
+        [--isa native|avx2]
+
+``--isa avx2`` runs the fp32 variants (torch-fp32, openvino-fp32, openvino-int8-fp32, onnxruntime)
+with PyTorch's and oneDNN's kernels limited to AVX2 (bench/isa.py): an emulation of an AVX2-only
+CPU. For each OpenVINO variant the bench prints the kernels its convolutions run (from the compiled
+model), which shows whether the limit took effect.
 
 Without ``--checkpoint`` a default network is trained for ``--train-epochs`` on the sample's
 train images first (a quick model: its Dice against the truth is low, the comparison is what counts).
@@ -32,10 +38,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from isa import ISAS, isa_line, rerun_limited  # noqa: E402
 
 from carvana.models.registry import output_size  # noqa: E402
 from carvana.submission.ensemble import EnsemblePredictor, load_members  # noqa: E402
@@ -55,13 +65,17 @@ VARIANTS = {"torch": ("torch", True, None), "torch-fp32": ("torch", False, None)
             "openvino-int8-fp32": ("openvino", False, "ends")}
 
 
+def sample_int8(scope: str = "ends") -> list:
+    """main.py's --int8 for one member, calibrated as main.py calibrates: on up to
+    CALIBRATION_IMAGES training images (the sample's), never a test photo."""
+    return [Int8Spec(tuple(spread(sorted((SAMPLE / "train").glob("*.jpg")), CALIBRATION_IMAGES)), scope)]
+
+
 def load_variant(checkpoint: Path, variant: str, cache: Path) -> list:
     """The checkpoint loaded as main.py loads it for ``variant`` (int8: calibrated on train images)."""
     engine, amp, scope = VARIANTS[variant]
     engines.CACHE_DIR = cache
-    int8 = None
-    if scope is not None:
-        int8 = [Int8Spec(tuple(spread(sorted((SAMPLE / "train").glob("*.jpg")), CALIBRATION_IMAGES)), scope)]
+    int8 = sample_int8(scope) if scope is not None else None
     return load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine, int8=int8)
 
 
@@ -74,15 +88,26 @@ def link(folder: Path, names: list[str], photos: list[Path]) -> list[Path]:
     return out
 
 
+def convolution_kernels(compiled) -> str:
+    """'brgconv_avx2_I8 x20, ...': the kernels an OpenVINO CompiledModel runs its convolutions with."""
+    counts: Counter = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            counts[info["primitiveType"].astype(str)] += 1
+    return ", ".join(f"{kernel} x{n}" for kernel, n in counts.most_common())
+
+
 def predict(checkpoint: Path, variant: str, images: list[Path], output: Path, cache: Path,
             batch: int = 8) -> tuple[float, float, float]:
     """(seconds, main-process CPU seconds, compile seconds) of one prediction into ``output``."""
     predictor = EnsemblePredictor(load_variant(checkpoint, variant, cache), progress=False)
     member = predictor.members[0].classifier
     start = time.perf_counter()
-    if member.engine is not None:
-        member.engine.compiled(True)  # the compile (or the cache load), timed apart
+    compiled = member.engine.compiled(True) if member.engine is not None else None  # compile or cache load
     compile_s = time.perf_counter() - start
+    if compiled is not None and compiled.name == "openvino" and output.name.startswith("dice-"):
+        print(f"{variant}: convolutions run {convolution_kernels(compiled.runtime)}", flush=True)
     cpu, wall = time.process_time(), time.perf_counter()
     predict_to_submission(predictor, images, output, output_size(predictor.members[0].config), chunk_size=256,
                           postprocess_workers=2, batch_size=batch, loader_workers=2, tta=True, tag=predictor.tag(),
@@ -135,10 +160,23 @@ def main() -> None:
                              "last with --no-amp)")
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (main.py's --predict-batch-size)")
+    parser.add_argument("--isa", choices=ISAS, default="native",
+                        help="avx2: kernels limited to AVX2, an emulation of an AVX2-only CPU (bench/isa.py); fp32 "
+                             "variants only")
     args = parser.parse_args()
     if not (OFFICIAL.is_file() and (SAMPLE / "test_solution.csv").is_file()):
         raise SystemExit(f"this bench needs {OFFICIAL} and {SAMPLE}")
     variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    bf16 = [v for v in variants if VARIANTS[v][1]]
+    if args.isa == "avx2" and bf16:
+        raise SystemExit(f"--isa avx2: {', '.join(bf16)} use bf16, which an AVX2-only CPU does not have; use the "
+                         "fp32 variants (torch-fp32, openvino-fp32, openvino-int8-fp32, onnxruntime)")
+    status = rerun_limited(args.isa, __file__, sys.argv[1:])
+    if status is not None:
+        raise SystemExit(status)
     photos = sorted((SAMPLE / "test").glob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -164,7 +202,8 @@ def main() -> None:
                 print(f"round {r + 1} {v}: {len(images) / seconds:.1f} images/s, main process {1000 * cpu / len(images):.2f} "
                       f"CPU-ms/image", flush=True)
     base = statistics.median(f[0] for f in figures[variants[0]])  # the first variant is the baseline
-    print(f"\n{len(images)} images, batch {args.batch_size}, checkpoint {checkpoint.name}, CPU flags: {relevant_flags()}")
+    print(f"\n{len(images)} images, batch {args.batch_size}, checkpoint {checkpoint.name}, CPU flags: {relevant_flags()}, "
+          f"kernels: {isa_line(args.isa)}")
     net_base = statistics.median(network[variants[0]])
     print(f"| engine | images/s (median) | x {variants[0]} | main CPU-ms/image | network alone images/s | x {variants[0]} | "
           f"first compile s | Dice vs truth (64) | Dice vs {variants[0]} |")

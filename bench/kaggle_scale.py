@@ -18,8 +18,12 @@ through.
 Usage (from the repository root)::
 
     python bench/kaggle_scale.py --checkpoint output/models/<run>/best.pt [--images N] [--eval-streams S] [--engine E]
+        [--int8] [--no-amp] [--isa native|avx2]
 
 ``--images N`` predicts the first N names only (a quick check); the default is all of them.
+``--int8`` is main.py's (OpenVINO, calibrated on the sample's train images; the quantization
+counts in the wall time, main.py's accuracy gate is not run). ``--no-amp``: fp32, what a CPU
+without bf16 runs; ``--isa avx2`` adds the AVX2 limit of bench/isa.py (implies ``--no-amp``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from isa import ISAS, isa_line, rerun_limited  # noqa: E402
 
 from carvana.models.registry import output_size  # noqa: E402
 from carvana.submission.ensemble import EnsemblePredictor, load_members  # noqa: E402
@@ -106,16 +113,29 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--postprocess-workers", type=int, default=2)
     parser.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--int8", action="store_true", help="main.py's --int8 (OpenVINO), calibrated on train images")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 where the CPU has it (main.py's default); --no-amp: fp32")
+    parser.add_argument("--isa", choices=ISAS, default="native", help="avx2: see bench/isa.py (fp32)")
     args = parser.parse_args()
     if not OFFICIAL.is_file():
         raise SystemExit(f"{OFFICIAL}: missing (this bench needs ../shared/carvana-official)")
+    status = rerun_limited(args.isa, __file__, [*sys.argv[1:], "--no-amp"])
+    if status is not None:
+        raise SystemExit(status)
     names = expected_names(OFFICIAL)
     names = names[: args.images] if args.images else names
+    int8 = None
+    if args.int8:
+        from engine import sample_int8
+
+        int8 = sample_int8()
     predictor = EnsemblePredictor(load_members([args.checkpoint], [1.0], "cpu", eval_streams=args.eval_streams,
-                                               engine=args.engine), progress=False)
+                                               engine=args.engine, amp=args.amp, int8=int8), progress=False)
     data_hw = output_size(predictor.members[0].config)
-    print(f"{len(names)} images, {predictor.describe()}, engine {args.engine}, streams {predictor.streams}, "
-          f"fast decode {args.fast_decode}", flush=True)
+    print(f"{len(names)} images, {predictor.describe()}, engine {args.engine}{', int8' if args.int8 else ''}, "
+          f"{'bf16 where the CPU has it' if args.amp else 'fp32'}, kernels {isa_line(args.isa)}, streams "
+          f"{predictor.streams}, fast decode {args.fast_decode}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "test").mkdir()

@@ -34,13 +34,14 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "CARVANA_BENCH_SIMDLEN": "256"}
+sys.path.insert(0, str(REPO / "bench"))
+
+from isa import ISAS, rerun_limited  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
     p.add_argument("--variants", default="eager,eager-cl,compile,compile-cl")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CPUs with native bf16 only)")
-    p.add_argument("--isa", choices=("native", "avx2"), default="native")
+    p.add_argument("--isa", choices=ISAS, default="native", help="avx2: see bench/isa.py")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     return p.parse_args(argv)
 
@@ -143,9 +144,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
-        child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
-        return subprocess.call(child, env={**os.environ, **AVX2_ENV})
+    status = rerun_limited(args.isa, __file__, argv if argv is not None else sys.argv[1:])
+    if status is not None:
+        return status
     sys.path.insert(0, str(REPO / "src"))
     run(args)
     return 0

@@ -132,6 +132,25 @@ def test_training_switches_at_the_right_epoch_and_records_it():
     assert [h["loss_fn"] for h in history] == ["bce+dice", "bce+dice", "lovasz", "lovasz"]
 
 
+def test_without_validation_best_pt_is_chosen_among_the_lovasz_epochs_and_resume_keeps_that():
+    """Lovász-hinge losses (~1) and BCE + Dice losses are on other scales: with no validation set the
+    best epoch is the lowest training loss of the loss trained last, not of the whole run."""
+    torch.manual_seed(0)
+    clf = CarvanaClassifier(nn.Conv2d(3, 1, 3, padding=1), epochs=6, lr=1e-2, device="cpu", progress=False,
+                            lovasz=0.5)
+    history = clf.train(synthetic_batches(1, hw=(16, 16), full_masks=False), None)
+    lovasz = [h for h in history if h["loss_fn"] == "lovasz"]
+    assert [h["loss_fn"] for h in history] == ["bce+dice"] * 3 + ["lovasz"] * 3
+    assert lovasz[0]["is_best"] == 1.0  # the first epoch of the new loss starts the comparison afresh
+    best = max(h["epoch"] for h in history if h["is_best"])
+    assert best == min(lovasz, key=lambda h: h["train_loss"])["epoch"]
+    assert clf.best_metric == -min(h["train_loss"] for h in lovasz)
+    resumed = CarvanaClassifier(nn.Conv2d(3, 1, 3, padding=1), epochs=6, lr=1e-2, device="cpu", progress=False,
+                                lovasz=0.5)
+    resumed.load_state_dict(clf.state_dict())
+    assert (resumed.best_metric, resumed.best_loss_fn) == (clf.best_metric, "lovasz")
+
+
 def test_training_switches_at_the_right_point_of_the_budget_clock(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(classifier_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))

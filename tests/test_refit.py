@@ -120,6 +120,21 @@ def test_an_interrupted_refit_resumes_from_last_pt_and_a_finished_one_is_skipped
     assert {p: v for p, v in snapshot(cwd).items() if "/refit/" in p} == refit_files
 
 
+def test_a_bare_resume_finds_a_run_whose_only_last_pt_is_its_refits(tmp_path, monkeypatch):
+    """--no-keep-last removes the folds' last.pt: the unfinished refit's is what marks the run."""
+    import os
+
+    from carvana.pipeline import runs
+
+    monkeypatch.chdir(tmp_path)
+    for age, (run, path) in enumerate((("k", "refit/last.pt"), ("older", "last.pt"), ("done", "fold0/best.pt"))):
+        file = tmp_path / "output" / "models" / run / path
+        file.parent.mkdir(parents=True)
+        file.write_bytes(b"x")
+        os.utime(file, (1_000_000 - age, 1_000_000 - age))
+    assert runs.resumable_runs() == ["older", "k"]
+
+
 def test_a_refit_run_folder_in_an_ensemble_means_its_refit(tmp_path):
     run = tmp_path / "R"
     for name in ("fold0/best.pt", "fold1/best.pt", "refit/best.pt"):

@@ -72,9 +72,9 @@ def is_trial(run: str) -> bool:
 
 
 def resumable_runs() -> list[str]:
-    """Names of runs with a ``last.pt`` (a fold's counts), oldest first; tuning trials are not
-    runs to resume (the study continues them)."""
-    found = [*MODELS_DIR.glob("*/last.pt"), *MODELS_DIR.glob("*/fold*/last.pt")]
+    """Names of runs with a ``last.pt`` (a fold's or a refit's counts), oldest first; tuning
+    trials are not runs to resume (the study continues them)."""
+    found = [*MODELS_DIR.glob("*/last.pt"), *MODELS_DIR.glob("*/fold*/last.pt"), *MODELS_DIR.glob("*/refit/last.pt")]
     names = [p.relative_to(MODELS_DIR).parts[0] for p in sorted(found, key=lambda p: p.stat().st_mtime)]
     return [name for name in list(dict.fromkeys(reversed(names)))[::-1] if not is_trial(name)]
 

@@ -143,6 +143,7 @@ class CarvanaClassifier:
         self.epoch = -1  # last completed epoch
         self.resumed_from_epochs: int | None = None  # set by load_state_dict when --epochs changed
         self.best_metric = -math.inf
+        self.best_loss_fn: str | None = None  # without validation: the loss best_metric was measured on
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -190,6 +191,7 @@ class CarvanaClassifier:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "best_metric": self.best_metric,
+            "best_loss_fn": self.best_loss_fn,
             "model_config": self.model_config.to_dict() if self.model_config is not None else None,
         }
 
@@ -214,6 +216,7 @@ class CarvanaClassifier:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.best_metric = float(state["best_metric"])
+        self.best_loss_fn = state.get("best_loss_fn")  # absent before --lovasz existed
 
     # ------------------------------------------------------------------ training
     def train(
@@ -244,9 +247,7 @@ class CarvanaClassifier:
                     metrics.update(valid_metrics)
                 self._step_scheduler(metrics)
                 self.epoch = epoch
-                monitored = metrics.get(self.monitor, -train_loss)
-                if monitored != monitored:  # NaN (no class in the validation truth): fall back to the loss
-                    monitored = -metrics.get("valid_loss", train_loss)
+                monitored = self._monitored(metrics)
                 metrics["is_best"] = float(monitored > self.best_metric)
                 self.best_metric = max(self.best_metric, monitored)
                 metrics["seconds"] = time.perf_counter() - start
@@ -259,6 +260,19 @@ class CarvanaClassifier:
             raise
         cbs.on_train_end(self)
         return self.history
+
+    def _monitored(self, metrics: dict[str, Any]) -> float:
+        """The figure best.pt follows: the task's validation metric; without validation, minus the
+        training loss. A training loss compares only with its own kind: when the loss changes
+        (--lovasz), the best so far is forgotten, so best.pt is taken among the new loss's epochs."""
+        monitored = metrics.get(self.monitor, -metrics["train_loss"])
+        if monitored != monitored:  # NaN (no class in the validation truth): fall back to the loss
+            monitored = -metrics.get("valid_loss", metrics["train_loss"])
+        if self.monitor not in metrics:
+            if metrics["loss_fn"] != self.best_loss_fn:
+                self.best_metric = -math.inf
+            self.best_loss_fn = metrics["loss_fn"]
+        return monitored
 
     def _budget_check(self) -> bool:
         """--time-budget: True once the training steps have used it up (rank 0's clock decides, so

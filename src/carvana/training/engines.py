@@ -126,6 +126,8 @@ def cache_key(digest: str, config: ModelConfig, tta: bool, engine: str, precisio
     """The compiled model's identity: anything that changes what it computes or where it runs."""
     parts = {"weights": digest, "config": config.to_dict(), "tta": bool(tta), "pad": bool(pad), "engine": engine,
              "version": engine_version(engine), "precision": precision, "cpu": cpu_flags(), "opset": OPSET}
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # kernels capped below the CPU's flags (bench/isa.py): another build
+        parts["isa_cap"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -143,8 +145,9 @@ class CompiledEngine:
     """One compiled prediction graph: ``probabilities(uint8 batch) -> (N, classes, h, w)``,
     callable from several threads at once (one inference request per thread)."""
 
-    def __init__(self, name: str, run: Any, precision: str, folder: Path, seconds: float) -> None:
+    def __init__(self, name: str, run: Any, precision: str, folder: Path, seconds: float, runtime: Any = None) -> None:
         self.name, self._run, self.precision, self.folder, self.compile_seconds = name, run, precision, folder, seconds
+        self.runtime = runtime  # OpenVINO's CompiledModel or ONNX Runtime's session, for inspection (benches)
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"
@@ -163,7 +166,7 @@ def engine_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def _openvino(onnx: Path, folder: Path, amp: bool, streams: int) -> tuple[Any, str]:
+def _openvino(onnx: Path, folder: Path, amp: bool, streams: int) -> tuple[Any, str, Any]:
     import openvino as ov
 
     core = ov.Core()
@@ -180,16 +183,16 @@ def _openvino(onnx: Path, folder: Path, amp: bool, streams: int) -> tuple[Any, s
             request = local.request = compiled.create_infer_request()
         return np.array(request.infer({0: x})[0], copy=True)
 
-    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").replace("'>", "")
+    return run, str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").replace("'>", ""), compiled
 
 
-def _onnxruntime(onnx: Path, streams: int) -> tuple[Any, str]:
+def _onnxruntime(onnx: Path, streams: int) -> tuple[Any, str, Any]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, engine_threads() // max(1, streams))
     session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
-    return (lambda x: session.run(None, {"image": x})[0]), "f32"
+    return (lambda x: session.run(None, {"image": x})[0]), "f32", session
 
 
 def precision_tag(amp: bool, int8: Any = None) -> str:
@@ -218,11 +221,11 @@ def compile_engine(name: str, model: nn.Module, config: ModelConfig, digest: str
                 export_graph(graph, input_hw, onnx)
                 write_json_atomic(folder / "key.json", {"engine": name, "tta": tta, "config": config.to_dict()})
             graph_file = int8.quantized(onnx, folder, input_hw) if int8 is not None else onnx
-            run, precision = (_openvino(graph_file, folder, amp, streams) if name == "openvino"
-                              else _onnxruntime(onnx, streams))
+            run, precision, runtime = (_openvino(graph_file, folder, amp, streams) if name == "openvino"
+                                       else _onnxruntime(onnx, streams))
             run(np.zeros((1, 3, *input_hw), dtype=np.uint8))  # a compiled model that cannot run is no cache
             precision = f"int8, {precision} elsewhere" if int8 is not None else precision
-            return CompiledEngine(name, run, precision, folder, time.perf_counter() - start)
+            return CompiledEngine(name, run, precision, folder, time.perf_counter() - start, runtime)
         except Exception:
             if attempt:
                 raise
