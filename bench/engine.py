@@ -172,7 +172,7 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
     bf16 = [v for v in variants if VARIANTS[v][1]]
     if args.isa == "avx2" and bf16:
-        raise SystemExit(f"--isa avx2: {', '.join(bf16)} use bf16, which an AVX2-only CPU does not have; use the "
+        raise SystemExit(f"--isa avx2: the variant(s) {', '.join(bf16)} run in bf16, which an AVX2-only CPU lacks; use the "
                          "fp32 variants (torch-fp32, openvino-fp32, openvino-int8-fp32, onnxruntime)")
     status = rerun_limited(args.isa, __file__, sys.argv[1:])
     if status is not None:
