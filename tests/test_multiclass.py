@@ -106,6 +106,7 @@ def test_a_few_steps_lower_the_multiclass_loss():
 
 def test_validation_gives_the_same_figures_on_several_streams():
     # Fails on the old code: multi-class validation was a plain loop, --eval-streams unused.
+    import itertools
     import threading
 
     g = torch.Generator().manual_seed(3)
@@ -123,9 +124,20 @@ def test_validation_gives_the_same_figures_on_several_streams():
         clf = CarvanaClassifier(nn.Conv2d(3, 3, 1), epochs=1, device="cpu", progress=False, task=task,
                                 preview_count=1, eval_streams=streams)
         threads: set[str] = set()
-        forward = clf.eval_forward
-        clf.eval_forward = lambda x, forward=forward, threads=threads: (threads.add(threading.current_thread().name),
-                                                                        forward(x))[1]
+        # With two streams the first two batches meet at a barrier: the pool's first thread is
+        # then busy when the second batch arrives, so a second thread must score it. Without
+        # it a fast first batch frees its thread, the pool reuses it, and one thread does all.
+        meet = threading.Barrier(2, timeout=30) if streams > 1 else None
+
+        calls = itertools.count()
+
+        def counted(x, forward=clf.eval_forward, threads=threads, meet=meet, calls=calls):
+            threads.add(threading.current_thread().name)
+            if meet is not None and next(calls) < 2:
+                meet.wait()
+            return forward(x)
+
+        clf.eval_forward = counted
         metrics, preview = task.validate(clf, batches)
         runs[streams] = (metrics, task.last_table, preview, threads)
     (m1, t1, p1, th1), (m2, t2, p2, th2) = runs[1], runs[2]
