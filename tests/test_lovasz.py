@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from carvana.training import classifier as classifier_module
+from carvana.training import epoch as epoch_module
 from carvana.training.classifier import CarvanaClassifier
 from carvana.training.epoch import TrainingSettingError, uses_lovasz
 from carvana.training.losses import LovaszHingeLoss, lovasz_hinge
@@ -151,9 +152,30 @@ def test_without_validation_best_pt_is_chosen_among_the_lovasz_epochs_and_resume
     assert (resumed.best_metric, resumed.best_loss_fn) == (clf.best_metric, "lovasz")
 
 
+def test_a_plateau_schedule_without_validation_forgets_its_best_when_the_loss_changes():
+    """ReduceLROnPlateau follows minus the training loss without validation: after the switch to
+    the Lovász hinge (losses near 1, far above the scaled-down BCE + Dice's) it would see only "bad" epochs
+    and halve the LR for a change of scale, not a plateau. It starts its comparison afresh."""
+    torch.manual_seed(0)
+    clf = CarvanaClassifier(nn.Conv2d(3, 1, 3, padding=1), epochs=8, lr=1e-2, device="cpu", progress=False,
+                            lovasz=0.5, scheduler="plateau", bce_weight=0.1, dice_weight=0.1)
+    seen = []
+    step = clf.scheduler.step
+    clf.scheduler.step = lambda figure: (seen.append((figure, clf.scheduler.best)), step(figure))[1]
+    history = clf.train(synthetic_batches(1, hw=(16, 16), full_masks=False), None)
+    assert [h["loss_fn"] for h in history] == ["bce+dice"] * 4 + ["lovasz"] * 4
+    assert [figure for figure, _ in seen] == [-h["train_loss"] for h in history]
+    assert seen[4][1] == -math.inf  # the first Lovász epoch compares with nothing
+    assert max(-h["train_loss"] for h in history[:4]) > max(-h["train_loss"] for h in history[4:])  # other scales
+    assert clf.scheduler.best == max(-h["train_loss"] for h in history[4:])
+    assert clf.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)  # 4 improving epochs each: no plateau
+
+
 def test_training_switches_at_the_right_point_of_the_budget_clock(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(classifier_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    fake_time = SimpleNamespace(perf_counter=lambda: clock[0])
+    monkeypatch.setattr(classifier_module, "time", fake_time)  # where the budget starts
+    monkeypatch.setattr(epoch_module, "time", fake_time)  # where each step reads it
     torch.manual_seed(0)
     # 10 s of budget, one second per step, the last 30%: steps 8, 9 and 10 (the budget check after
     # step 7 measures 7 s = 70%); 3 steps an epoch, so epoch 3 switches mid-way.

@@ -30,7 +30,7 @@ from carvana.training.averaging import WeightAverage, checkpoint_entries, restor
 from carvana.training.losses import BCEDiceLoss, LovaszHingeLoss
 from carvana.training import distributed as dist
 from carvana.training.checkpoint import load_model_weights
-from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler
+from carvana.training.optim import continue_schedule, make_optimizer, make_scheduler, step_scheduler
 from carvana.training.inference import cpu_inference_copy, eval_logits
 from carvana.training.precision import autocast_context, choose_precision, use_channels_last
 from carvana.training.streams import choose_eval_streams
@@ -245,11 +245,9 @@ class CarvanaClassifier:
                     with self.averaged_weights():
                         valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
-                self._step_scheduler(metrics)
+                step_scheduler(self.scheduler, self._monitored(metrics), new_kind=self._loss_changed(metrics))
                 self.epoch = epoch
-                monitored = self._monitored(metrics)
-                metrics["is_best"] = float(monitored > self.best_metric)
-                self.best_metric = max(self.best_metric, monitored)
+                metrics["is_best"] = float(self._record_best(metrics))
                 metrics["seconds"] = time.perf_counter() - start
                 self.history.append(metrics)
                 cbs.on_epoch_end(self, epoch, metrics, preview)
@@ -262,40 +260,35 @@ class CarvanaClassifier:
         return self.history
 
     def _monitored(self, metrics: dict[str, Any]) -> float:
-        """The figure best.pt follows: the task's validation metric; without validation, minus the
-        training loss. A training loss compares only with its own kind: when the loss changes
-        (--lovasz), the best so far is forgotten, so best.pt is taken among the new loss's epochs."""
+        """The figure best.pt and a plateau schedule follow, higher is better: the task's validation
+        metric; without validation (or when it is NaN: no class in the truth), minus a loss."""
         monitored = metrics.get(self.monitor, -metrics["train_loss"])
-        if monitored != monitored:  # NaN (no class in the validation truth): fall back to the loss
+        if monitored != monitored:
             monitored = -metrics.get("valid_loss", metrics["train_loss"])
-        if self.monitor not in metrics:
-            if metrics["loss_fn"] != self.best_loss_fn:
-                self.best_metric = -math.inf
-            self.best_loss_fn = metrics["loss_fn"]
         return monitored
 
-    def _budget_check(self) -> bool:
-        """--time-budget: True once the training steps have used it up (rank 0's clock decides, so
-        all ranks stop at the same step); until then the cosine LR follows the clock, per step."""
-        used = self._budget_used = dist.broadcast_object(time.perf_counter() - self._budget_start)
-        if used >= self.time_budget:
-            self._budget_spent = True
-        elif self.scheduler is None and self.scheduler_name.lower() == "cosine":
-            for group in self.optimizer.param_groups:
-                base = group.setdefault("initial_lr", group["lr"])
-                group["lr"] = base * (0.01 + 0.99 * (1 + math.cos(math.pi * used / self.time_budget)) / 2)
-        return self._budget_spent
+    def _loss_changed(self, metrics: dict[str, Any]) -> bool:
+        """Whether the monitored figure is a training loss of another kind than the best so far
+        was measured on (--lovasz switched losses): the two do not compare."""
+        return self.monitor not in metrics and self.best_loss_fn not in (None, metrics["loss_fn"])
+
+    def _record_best(self, metrics: dict[str, Any]) -> bool:
+        """Whether this epoch is the best so far (best.pt then follows it), recording it. After a
+        change of training loss the best so far is forgotten: best.pt is taken among the new
+        loss's epochs."""
+        if self._loss_changed(metrics):
+            self.best_metric = -math.inf
+        if self.monitor not in metrics:
+            self.best_loss_fn = metrics["loss_fn"]
+        monitored = self._monitored(metrics)
+        is_best = monitored > self.best_metric
+        self.best_metric = max(self.best_metric, monitored)
+        return is_best
 
     def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int, str]:
         """One pass (or, under --time-budget, what the budget leaves of it): (mean loss, images seen
         by this process, the loss it stepped on). The steps are training/epoch.py's."""
         return epoch_steps.train_one_epoch(self, loader, epoch, epochs)
-
-    def _step_scheduler(self, metrics: dict[str, float]) -> None:
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(metrics.get(self.monitor, -metrics["train_loss"]))
-        elif self.scheduler is not None:
-            self.scheduler.step()
 
     def validate(self, loader: Iterable[dict]) -> tuple[float, float, Preview | None]:
         """Mean loss and the competition's mean Dice (thresholded, upsampled to 1918x1280,

@@ -14,6 +14,7 @@ loss, so ``valid_loss`` stays comparable across the switch.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterable
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from carvana.training import distributed as dist
+from carvana.training.optim import follow_clock
 
 
 class TrainingSettingError(ValueError):
@@ -89,13 +91,24 @@ def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: in
         count += images.shape[0]
         if trainer.progress:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if trainer.time_budget > 0 and trainer._budget_check():  # validate what we have, then stop
+        if trainer.time_budget > 0 and budget_spent(trainer):  # validate what we have, then stop
             break
     # Under DDP: validate, checkpoint and predict with rank 0's BatchNorm stats on every rank.
     dist.broadcast_buffers(trainer.model)
     if trainer.average is not None:
         trainer.average.broadcast_buffers()
     return dist.all_reduce_mean(total, count), count, ",".join(used)
+
+
+def budget_spent(trainer: Any) -> bool:
+    """--time-budget: True once the training steps have used it up (rank 0's clock decides, so
+    all ranks stop at the same step); until then the cosine LR follows the clock, per step."""
+    used = trainer._budget_used = dist.broadcast_object(time.perf_counter() - trainer._budget_start)
+    if used >= trainer.time_budget:
+        trainer._budget_spent = True
+    elif trainer.scheduler is None and trainer.scheduler_name.lower() == "cosine":
+        follow_clock(trainer.optimizer, used, trainer.time_budget)
+    return trainer._budget_spent
 
 
 def check_finite_everywhere(loss: torch.Tensor, epoch: int, step: int) -> None:

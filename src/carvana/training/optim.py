@@ -70,3 +70,23 @@ def continue_schedule(scheduler: Any, epochs: int) -> int | None:
         group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (1 + math.cos(math.pi * step / new)) / 2
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     return old
+
+
+def follow_clock(optimizer: torch.optim.Optimizer, used: float, budget: float) -> None:
+    """--time-budget's cosine: the LR after ``used`` of ``budget`` seconds, to 1% of the initial
+    LR at the end (the same shape as make_scheduler's 'cosine', on the clock, per step)."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("initial_lr", group["lr"])
+        group["lr"] = base * (0.01 + 0.99 * (1 + math.cos(math.pi * used / budget)) / 2)
+
+
+def step_scheduler(scheduler: Any, figure: float, new_kind: bool = False) -> None:
+    """One epoch's step. ReduceLROnPlateau follows ``figure`` (higher is better); ``new_kind``
+    says the figure changed scale (a training loss after --lovasz switched losses), so the
+    plateau's best so far is forgotten rather than compared with values of another loss."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if new_kind:  # what ReduceLROnPlateau does on construction, through public attributes
+            scheduler.best, scheduler.num_bad_epochs, scheduler.cooldown_counter = scheduler.mode_worse, 0, 0
+        scheduler.step(figure)
+    elif scheduler is not None:
+        scheduler.step()
