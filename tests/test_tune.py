@@ -91,10 +91,10 @@ def two_workers(args: list[str], cwd: Path) -> list[str]:
 
 def test_two_processes_share_an_sqlite_study_and_best_toml_reruns(demo, tmp_path):
     (tmp_path / "space.toml").write_text(SPACE)
-    args = tune_args(demo, "shared", 6)
+    args = tune_args(demo, "shared", 4)
     two_workers(args, tmp_path)
     study = load(tmp_path, "shared")
-    check_shared_study(study, 6)
+    check_shared_study(study, 4)
     logs = tmp_path / "logs" / "shared"
     table = (logs / "trials.csv").read_text().splitlines()
     assert table[0].startswith("number,state,value,seconds") and len(table) == 1 + len(study.trials)
