@@ -152,6 +152,22 @@ def test_without_validation_best_pt_is_chosen_among_the_lovasz_epochs_and_resume
     assert (resumed.best_metric, resumed.best_loss_fn) == (clf.best_metric, "lovasz")
 
 
+def test_a_checkpoint_without_its_loss_recorded_starts_the_comparison_afresh_on_resume():
+    """A checkpoint written before best_loss_fn existed does not say which loss its best was measured
+    on: without validation, the resumed run's first epoch starts the comparison again."""
+    torch.manual_seed(0)
+    clf = CarvanaClassifier(nn.Conv2d(3, 1, 3, padding=1), epochs=2, lr=1e-2, device="cpu", progress=False)
+    clf.train(synthetic_batches(1, hw=(16, 16), full_masks=False), None)
+    old = clf.state_dict()
+    del old["best_loss_fn"]
+    old["best_metric"] = 1e9  # a figure no training loss beats, if it were compared
+    resumed = CarvanaClassifier(nn.Conv2d(3, 1, 3, padding=1), epochs=3, lr=1e-2, device="cpu", progress=False)
+    resumed.load_state_dict(old)
+    history = resumed.train(synthetic_batches(1, hw=(16, 16), full_masks=False), None)
+    assert [h["epoch"] for h in history] == [2] and history[-1]["is_best"] == 1.0
+    assert (resumed.best_metric, resumed.best_loss_fn) == (-history[-1]["train_loss"], "bce+dice")
+
+
 def test_a_plateau_schedule_without_validation_forgets_its_best_when_the_loss_changes():
     """ReduceLROnPlateau follows minus the training loss without validation: after the switch to
     the Lovász hinge (losses near 1, far above the scaled-down BCE + Dice's) it would see only "bad" epochs

@@ -269,8 +269,9 @@ class CarvanaClassifier:
 
     def _loss_changed(self, metrics: dict[str, Any]) -> bool:
         """Whether the monitored figure is a training loss of another kind than the best so far
-        was measured on (--lovasz switched losses): the two do not compare."""
-        return self.monitor not in metrics and self.best_loss_fn not in (None, metrics["loss_fn"])
+        was measured on (--lovasz switched losses; or unknown: a first epoch, or a checkpoint
+        written before the loss was recorded): the two do not compare."""
+        return self.monitor not in metrics and self.best_loss_fn != metrics["loss_fn"]
 
     def _record_best(self, metrics: dict[str, Any]) -> bool:
         """Whether this epoch is the best so far (best.pt then follows it), recording it. After a
