@@ -49,6 +49,12 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
     raise ValueError(f"unknown scheduler {name!r}: choose cosine, plateau or none")
 
 
+def cosine_lr(base: float, floor: float, progress: float) -> float:
+    """The cosine schedule's LR at ``progress`` (0 to 1) of training: ``base`` down to ``floor``,
+    the closed form of CosineAnnealingLR; continue_schedule and follow_clock both use it."""
+    return floor + (base - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def continue_schedule(scheduler: Any, epochs: int) -> int | None:
     """Stretch or shrink a resumed cosine schedule to ``epochs``; returns the old length if it changed.
 
@@ -67,7 +73,7 @@ def continue_schedule(scheduler: Any, epochs: int) -> int | None:
     scheduler.T_max = new
     step = scheduler.last_epoch
     for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * (1 + math.cos(math.pi * step / new)) / 2
+        group["lr"] = cosine_lr(base_lr, scheduler.eta_min, step / new)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     return old
 
@@ -77,7 +83,7 @@ def follow_clock(optimizer: torch.optim.Optimizer, used: float, budget: float) -
     LR at the end (the same shape as make_scheduler's 'cosine', on the clock, per step)."""
     for group in optimizer.param_groups:
         base = group.setdefault("initial_lr", group["lr"])
-        group["lr"] = base * (0.01 + 0.99 * (1 + math.cos(math.pi * used / budget)) / 2)
+        group["lr"] = cosine_lr(base, 0.01 * base, used / budget)
 
 
 def step_scheduler(scheduler: Any, figure: float, new_kind: bool = False) -> None:
