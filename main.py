@@ -53,6 +53,9 @@ EMA = 0.0  # decay of an exponential moving average of the weights and BatchNorm
 LOVASZ = 0.0  # binary: the last fraction of training (of --epochs, or of the --time-budget clock) fine-tunes with the Lovasz hinge loss instead of BCE + Dice; 0 = off
 REFIT = False  # with --folds K: once the folds are scored (threshold chosen on OOF), train one model on every car (output/models/<run>/refit) and predict with it
 REFIT_BUDGET = 0.0  # minutes of training for --refit (0 = the folds' --time-budget, or their --epochs without one)
+REFIT_WARM = False  # --refit starts from the weights of the fold with the best OOF Dice instead of from scratch (a fine-tune on every car)
+REFIT_LR = 0.0  # the refit's peak learning rate (0 = --lr); a warm refit fine-tunes best below the folds' own
+REFIT_PSEUDO = False  # the refit also trains on the --unlabeled (test) images, labeled by the folds (transductive, as Kaggle teams did); --pseudo-* shape it
 # --- pseudo-labels / distillation (docs/pseudo-labels.md) ------------------------------
 TEACHER = ""  # checkpoints or run folders (as --ensemble): their predictions on unlabeled images become extra training targets
 UNLABELED = "test"  # images the teacher labels: test (the data set's test images), a FOLDER of photos, or test,FOLDER

@@ -21,7 +21,8 @@ import torch
 from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline import decide
 from carvana.pipeline.plans import PlanError
-from carvana.pipeline.refit import discard_stale_refit, run_refit
+from carvana.pipeline.fit import train_model
+from carvana.pipeline.refit import discard_stale_refit, run_refit, warm_start
 from carvana.pipeline.session import Session
 from carvana.pipeline.settings import parse_command
 from carvana.submission.ensemble import member_paths
@@ -40,7 +41,8 @@ def refit(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("refit")
     data = write_demo_dataset(cwd / "tiny", seed=5, n_train_cars=4, n_test_cars=1)
     result = run_main(cwd, "--data-dir", str(data), *COMMON, "--threshold", "auto", "--refit",
-                      "--refit-budget", BUDGET)
+                      "--refit-budget", BUDGET, "--refit-warm", "--refit-lr", "0.0003", "--refit-pseudo",
+                      "--pseudo-max-uncertain", "1")  # a 2-epoch fold is unsure of many pixels: keep every label
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, data, result
 
@@ -61,6 +63,12 @@ def test_the_refit_trains_on_every_car_and_predicts_alone_at_the_oof_threshold(r
     assert len(train) == 64 and summary["refit"]["images"] == 64  # fold 0 trained on 32 of them
     assert "=== fold 0 of 2: 32 train / 32 valid images" in result.stdout
     assert "=== refit on every car: 64 images (4 cars)" in result.stdout
+    # --refit-warm: the only fold is the best one; the refit fine-tunes it at --refit-lr
+    assert "from output/models/k/fold0/best.pt, lr 0.0003 ===" in result.stdout
+    assert summary["refit"]["started_from"] == "output/models/k/fold0/best.pt" and summary["refit"]["lr"] == 0.0003
+    # --refit-pseudo: the fold labels the 16 test images, and the refit's batches mix them in
+    assert "labels 16 unlabeled images" in result.stdout and summary["refit"]["pseudo_labeled_images"] == 16
+    assert summary["pseudo_labeled_images"]["kept"] == 16
     assert summary["refit"]["folder"] == REFIT and summary["mean_oof_dice"] == oof["mean_oof_dice"]
     assert summary["models"] == [f"{REFIT}/best.pt"] and f"prediction: {REFIT}/best.pt (" in result.stdout
     assert oof["threshold_auto"] and summary["threshold"] == oof["threshold"]
@@ -75,7 +83,7 @@ def test_the_refit_keeps_its_final_weights_and_trains_within_its_own_budget(refi
     record = json.loads((cwd / "logs/k/summary.json").read_text())["refit"]
     assert record["epochs_trained"] == 1 and record["budget_minutes"] == float(BUDGET) and record["minutes"] > 0
     assert metrics_rows(cwd, "refit") == 1 and metrics_rows(cwd, "fold0") == 2  # the fold had no budget
-    assert best["hparams"]["time_budget"] == float(BUDGET)
+    assert best["hparams"]["time_budget"] == float(BUDGET) and best["hparams"]["lr"] == 0.0003
     assert load_checkpoint(cwd / "output/models/k/fold0/best.pt")["hparams"]["time_budget"] == 0
 
 
@@ -154,14 +162,15 @@ def test_the_refit_trains_every_image_with_the_folds_pseudo_labels_and_its_budge
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def fake_train_model(hp, device, data, split, models_dir, log_dir, run, extra, pseudo):
+    def fake_train_model(hp, device, data, split, models_dir, log_dir, run, extra, pseudo, start):
+        assert start is None and hp.lr == 0.001  # no --refit-warm, no --refit-lr: from scratch at --lr
         calls.append((hp.time_budget, split, pseudo))
         models_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint({"model": {}, "epoch": hp.epochs - 1, "hparams": {}}, models_dir / "last.pt")
         return SimpleNamespace(epoch=hp.epochs - 1)  # as after a resume past the last epoch: no on_train_end
 
     monkeypatch.setattr("carvana.pipeline.refit.train_model", fake_train_model)
-    hp = SimpleNamespace(refit_budget=refit_budget, time_budget=time_budget, epochs=3)
+    hp = SimpleNamespace(refit_budget=refit_budget, time_budget=time_budget, epochs=3, lr=0.001, refit_lr=0.0)
     session = Session(hp, "r", "cpu", True, "binary", "folds")
     data = SimpleNamespace(train_images=[Path("a_01.jpg"), Path("a_02.jpg")], train_masks=[Path("a_01.gif"),
                            Path("a_02.gif")], valid_images=[Path("b_01.jpg")], valid_masks=[Path("b_01.gif")])
@@ -191,6 +200,16 @@ def test_only_a_fresh_training_run_discards_an_earlier_refit(tmp_path, monkeypat
     (["--refit"], "--refit: not used here: it trains on every car once K folds"),
     (["--refit-budget", "5"], "--refit-budget: not used here: it is the training time of --refit; add --refit"),
     (["--folds", "2", "--refit", "--refit-budget", "-1"], "--refit-budget -1: expected minutes >= 0"),
+    (["--refit-warm"], "--refit-warm: not used here: it is the starting weights of --refit; add --refit"),
+    (["--folds", "2", "--refit-lr", "0.001"], "--refit-lr: not used here: it is the learning rate of --refit"),
+    (["--folds", "2", "--refit", "--refit-lr", "-0.1"], "--refit-lr -0.1: expected a learning rate >= 0"),
+    (["--folds", "2", "--refit-pseudo"], "--refit-pseudo: not used here: it is the pseudo-labels of --refit"),
+    (["--folds", "2", "--refit", "--refit-pseudo", "--teacher", "output"],
+     "--refit-pseudo: not used here: with --teacher the refit already trains on the teacher's pseudo-labels"),
+    (["--folds", "2", "--refit", "--refit-pseudo", "--pseudo-rounds", "2"], "--pseudo-rounds: not used here"),
+    (["--folds", "2", "--refit", "--refit-pseudo", "--batch-size", "1"],
+     "--batch-size 1: --refit-pseudo mixes pseudo-labeled images into every batch"),
+    (["--folds", "2", "--refit", "--refit-pseudo", "--pseudo-share", "1.5"], "--pseudo-share 1.5: expected a share"),
     (["--folds", "2", "--refit", "--tune", "3"], "--refit: not used here: --tune's trials"),
 ])
 def test_refit_settings_that_make_no_run_are_refused_in_one_line(args, phrase):
@@ -206,3 +225,58 @@ def test_tune_refuses_refit_before_any_trial():
     command = parse_command(defaults(), ["--tune", "3", "--folds", "2", "--refit"])
     with pytest.raises(PlanError, match="--refit: not used here: --tune's trials"):
         check_tune(command.hp, command.given, "binary", "folds")
+
+
+def fold_members(*folds: int) -> list[Path]:
+    return [Path(f"output/models/r/fold{f}/best.pt") for f in folds]
+
+
+@pytest.mark.parametrize("summary, chosen", [
+    ({"per_fold": {0: 0.98, 1: 0.99, 2: 0.97}}, 1),
+    ({"per_fold": {"0": 0.98, "1": 0.97, "2": 0.99}}, 2),  # as read back from oof_summary.json
+    ({"per_fold": {0: 0.99, 1: 0.99, 2: 0.99}}, 0),  # a tie: the first
+    ({"per_fold": {5: 0.99}}, 0),  # no member scored: the first
+    (None, 0),
+])
+def test_a_warm_refit_starts_from_the_fold_with_the_best_oof_dice(summary, chosen):
+    hp = SimpleNamespace(refit_warm=True)
+    assert warm_start(hp, fold_members(0, 1, 2), summary) == fold_members(chosen)[0]
+    assert warm_start(SimpleNamespace(refit_warm=False), fold_members(0, 1, 2), summary) is None
+    assert warm_start(hp, [], summary) is None
+
+
+@pytest.mark.parametrize("refit_lr, lr", [(0.0, 0.001), (0.0002, 0.0002)])
+def test_a_warm_refit_hands_its_start_and_learning_rate_to_training_and_records_them(tmp_path, monkeypatch, refit_lr,
+                                                                                      lr):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_train_model(hp, device, data, split, models_dir, log_dir, run, extra, pseudo, start):
+        calls.append((hp.lr, start))
+        models_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint({"model": {}, "epoch": 0, "hparams": {}}, models_dir / "last.pt")
+        return SimpleNamespace(epoch=0)
+
+    monkeypatch.setattr("carvana.pipeline.refit.train_model", fake_train_model)
+    hp = SimpleNamespace(refit_budget=1.0, time_budget=0.0, epochs=1, lr=0.001, refit_lr=refit_lr)
+    data = SimpleNamespace(train_images=[Path("a_01.jpg")], train_masks=[Path("a_01.gif")], valid_images=[],
+                           valid_masks=[])
+    start = fold_members(1)[0]
+    record = run_refit(Session(hp, "r", "cpu", True, "binary", "folds"), data, 0.5, None, start)
+    assert calls == [(lr, start)] and record["lr"] == lr and record["started_from"] == str(start)
+
+
+def test_training_from_a_start_checkpoint_begins_with_its_weights_and_refuses_another_network(refit, tmp_path):
+    cwd, _, _ = refit
+    start = cwd / "output/models/k/fold0/best.pt"
+    split = ([], [], [], [])
+    settings = {name.lower(): value for name, value in defaults().items()}
+    hp = SimpleNamespace(**{**settings, "input_size": "64x64", "width": 0.125, "epochs": 0, "resume": False})
+    trained = train_model(hp, "cpu", SimpleNamespace(classes=1), split, tmp_path / "m", tmp_path / "l", "w", (), None,
+                          start)  # 0 epochs: the model as it starts
+    assert weights_equal(trained.model.state_dict(), load_checkpoint(start)["model"])
+    wider = SimpleNamespace(**{**vars(hp), "width": 0.25})
+    with pytest.raises(CheckpointError, match="weights, which do not fit this run's model") as refusal:
+        train_model(wider, "cpu", SimpleNamespace(classes=1), split, tmp_path / "m", tmp_path / "l", "w", (), None,
+                    start)
+    assert str(start) in str(refusal.value) and "\n" not in str(refusal.value)

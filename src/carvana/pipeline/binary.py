@@ -20,7 +20,7 @@ from carvana.pipeline.fit import TaskData, train_model, training_config
 from carvana.pipeline.folds import run_folds
 from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_fold, parse_threshold
 from carvana.pipeline.pseudo import finish_round, pseudo_labels, round_finished, round_session
-from carvana.pipeline.refit import discard_stale_refit, refit_folders, refit_weights, run_refit
+from carvana.pipeline.refit import discard_stale_refit, refit_folders, refit_weights, run_refit, warm_start
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
@@ -134,8 +134,7 @@ def train_plan(session: Session, data: TaskData, plan: str, threshold: float, au
     """Train a single split or the folds, then (``refit`` and --refit) a model on every car (with
     pseudo-labeled batches where ``pseudo``); returns the models to predict with and the
     threshold, and adds the run's figures to ``info``."""
-    if pseudo is not None:
-        info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
+    record_pseudo(info, pseudo)
     if plan == SINGLE:
         classifier = train_model(session.hp, session.device, data, (data.train_images, data.train_masks,
                                                                     data.valid_images, data.valid_masks),
@@ -150,8 +149,18 @@ def train_plan(session: Session, data: TaskData, plan: str, threshold: float, au
         info["mean_oof_dice"] = result.summary["mean_oof_dice"]
     if not (refit and session.hp.refit):
         return result.members, result.threshold
-    info["refit"] = run_refit(session, data, result.threshold, pseudo)  # at the threshold OOF chose
+    start = warm_start(session.hp, result.members, result.summary)
+    if session.hp.refit_pseudo:  # transductive: the folds label the unlabeled (test) images for the refit
+        pseudo = pseudo_labels(session, data, training_config(session.hp, 1, fresh=False), result.members)
+        record_pseudo(info, pseudo)
+    info["refit"] = run_refit(session, data, result.threshold, pseudo, start)  # at the threshold OOF chose
     return [refit_folders(session)[0] / "best.pt"], result.threshold
+
+
+def record_pseudo(info: dict[str, Any], pseudo: Any) -> None:
+    """The run's figures name the pseudo-labels its training mixed in (none: nothing recorded)."""
+    if pseudo is not None:
+        info["pseudo_labeled_images"] = {"kept": len(pseudo.images), "labels": str(pseudo.folder)}
 
 
 def finish_without_predicting(session: Session, data: TaskData, paths: list[Path], threshold: float,

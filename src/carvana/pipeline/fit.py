@@ -25,7 +25,7 @@ from carvana.pipeline.runs import is_trial, resume_hint
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import CheckpointError, ModelSaverCallback, check_settings_match, load_checkpoint, \
-    load_model
+    load_model, load_model_weights
 from carvana.training.classifier import CarvanaClassifier
 from carvana.training.epoch import TrainingSettingError
 from carvana.training.logging_callbacks import ConsoleLogger, CSVLogger, PreviewLogger
@@ -153,14 +153,19 @@ def make_valid_loader(dataset: Dataset, hp: SimpleNamespace, pin: bool, collate:
 
 def train_model(hp: SimpleNamespace, device: str, data: TaskData, split: tuple[list, list, list, list],
                 models_dir: Path, log_dir: Path, run: str, extra: Sequence[Callback] = (),
-                pseudo: Any = None) -> CarvanaClassifier:
+                pseudo: Any = None, start: Path | None = None) -> CarvanaClassifier:
     """Build (or resume from ``models_dir/last.pt``) and train one model on ``split`` = (train
     images, train masks, valid images, valid masks): a single split's model or one fold's;
-    with ``pseudo`` (a pipeline.pseudo.PseudoSet) its batches mix in pseudo-labeled images."""
+    with ``pseudo`` (a pipeline.pseudo.PseudoSet) its batches mix in pseudo-labeled images;
+    with ``start`` (a checkpoint of the same network: --refit-warm) a fresh model starts from its weights."""
     last = models_dir / "last.pt"
     resuming = hp.resume and last.exists()
-    config = training_config(hp, data.classes, fresh=not resuming)
-    classifier = classifier_for(hp, build_model(config, pretrained=not resuming), config, device, task_for(hp, data))
+    fresh = not resuming and start is None
+    config = training_config(hp, data.classes, fresh=fresh)
+    model = build_model(config, pretrained=fresh)
+    if start is not None and not resuming:
+        load_model_weights(model, load_checkpoint(start), start, config)
+    classifier = classifier_for(hp, model, config, device, task_for(hp, data))
     if resuming:
         classifier.load_state_dict(load_checkpoint(last, classifier.device), path=str(last))
         if dist.is_main_process():

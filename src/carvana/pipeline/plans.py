@@ -18,7 +18,8 @@ SINGLE, FOLDS, ENSEMBLE, PREDICT = "single split", "folds", "ensemble", "predict
 BINARY_ONLY = ("hq", "threshold", "test_sample_size", "chunk_size", "postprocess_workers", "submit", "message",
                "bce_weight", "boundary_weight", "boundary_band", "boundary_dice", "ensemble", "ensemble_weights",
                "folds", "fold", "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
-               "pseudo_rounds", "lovasz", "refit", "refit_budget", "int8", "int8_max_drop")
+               "pseudo_rounds", "lovasz", "refit", "refit_budget", "refit_warm", "refit_lr", "refit_pseudo",
+               "int8", "int8_max_drop")
 PSEUDO = ("unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain", "pseudo_rounds")  # they shape --teacher's labels
 MULTICLASS_ONLY = ("ce_weight", "class_weights", "class_names", "test_dir")
 
@@ -98,14 +99,18 @@ def check_fractions(hp: SimpleNamespace) -> None:
 
 
 def check_refit(hp: SimpleNamespace, given: dict[str, str]) -> None:
-    """--refit (one more model on every car, after K folds chose the threshold out of fold) and
-    --refit-budget (its training minutes); --tune's check calls this too."""
+    """--refit (one more model on every car, after K folds chose the threshold out of fold) and its
+    --refit-budget (minutes), --refit-warm (start from a fold) and --refit-lr; --tune's check calls this too."""
     refuse = _refuser(given)
     if hp.refit_budget < 0:
         raise PlanError(f"--refit-budget {hp.refit_budget:g}: expected minutes >= 0 (0 = the folds' own "
                         "--time-budget, or their --epochs without one)")
-    if "refit_budget" in given and not hp.refit:
-        refuse("refit_budget", "it is the training time of --refit; add --refit")
+    if hp.refit_lr < 0:
+        raise PlanError(f"--refit-lr {hp.refit_lr:g}: expected a learning rate >= 0 (0 = --lr)")
+    for name, what in (("refit_budget", "the training time"), ("refit_warm", "the starting weights"),
+                       ("refit_lr", "the learning rate"), ("refit_pseudo", "the pseudo-labels")):
+        if name in given and not hp.refit:
+            refuse(name, f"it is {what} of --refit; add --refit")
     if not hp.refit:
         return
     if not hp.folds:
@@ -129,20 +134,25 @@ def check_student(task: str, plan: str, hp: SimpleNamespace, given: dict[str, st
             if name in given:
                 refuse(name, "it shapes how a student trains on a teacher's pseudo-labels, and this run trains nothing")
         return
+    own = bool(getattr(hp, "refit", False) and getattr(hp, "refit_pseudo", False))  # the folds teach the refit
+    if own and hp.teacher:
+        refuse("refit_pseudo", "with --teacher the refit already trains on the teacher's pseudo-labels")
     for name in PSEUDO:
-        if name in given and not hp.teacher:
+        if name in given and not (hp.teacher or (own and name != "pseudo_rounds")):
             refuse(name, "it shapes the pseudo-labels of --teacher; add --teacher")
     if hp.pseudo_rounds > 1 and not hp.teacher:  # a main.py default too: round 1 would teach from nothing
         raise PlanError(f"--pseudo-rounds {hp.pseudo_rounds}: each round's student is taught by the one before, "
                         "starting from --teacher, and no --teacher is set; add --teacher or use --pseudo-rounds 1")
-    if not hp.teacher:
+    if not (hp.teacher or own):
         return
     check_pseudo_settings(hp.pseudo_targets, hp.pseudo_share, hp.pseudo_max_uncertain)
+    flag = "--teacher" if hp.teacher else "--refit-pseudo"
     if hp.batch_size < 2:
-        raise PlanError(f"--batch-size {hp.batch_size}: --teacher mixes pseudo-labeled images into every batch, "
+        raise PlanError(f"--batch-size {hp.batch_size}: {flag} mixes pseudo-labeled images into every batch, "
                         "beside at least one labeled image; use --batch-size 2 or more")
     unlabeled_parts(hp.unlabeled)
-    teacher_paths(hp.teacher)
+    if hp.teacher:
+        teacher_paths(hp.teacher)
 
 
 def check_pseudo_settings(targets: str, share: float, max_uncertain: float) -> None:

@@ -91,16 +91,18 @@ def finish_round(sub: Session, teacher: str) -> None:
     dist.barrier()
 
 
-def pseudo_labels(session: Session, data: TaskData, config: ModelConfig, teacher_spec: str) -> PseudoSet | None:
-    """Label the unlabeled images with the teacher (checkpoints or run folders; resuming a
-    partial store), select the confident ones and write labels.csv; None without a teacher
-    or when nothing trains."""
+def pseudo_labels(session: Session, data: TaskData, config: ModelConfig,
+                  teacher: str | list[Path]) -> PseudoSet | None:
+    """Label the unlabeled images with the teacher (--teacher's checkpoints or run folders, or the
+    checkpoints themselves: --refit-pseudo's folds; resuming a partial store), select the
+    confident ones and write labels.csv; None without a teacher or when nothing trains."""
     hp = session.hp
-    if not teacher_spec or not hp.train:
+    if not teacher or not hp.train:
         return None
     # Rank 0 keys the images and every rank takes its list, so all agree on every label's name.
     images = on_rank_0(session, "listing the unlabeled images", lambda: unlabeled_images(hp.unlabeled, data))
-    data_hw, paths = output_size(config), teacher_paths(teacher_spec)
+    data_hw = output_size(config)
+    paths = list(teacher) if isinstance(teacher, list) else teacher_paths(teacher)
     predictor = EnsemblePredictor(load_members(paths, [1.0 / len(paths)] * len(paths), session.device, hp.amp,
                                                hp.channels_last, hp.eval_streams, hp.engine))
     teacher = {"teacher": predictor.prediction_settings(data_hw, hp.tta, hp.fast_decode), "data_size": list(data_hw),

@@ -76,28 +76,41 @@ class PublishFinal(Callback):
         self.published = True  # before train_model may remove last.pt (--no-keep-last)
 
 
-def run_refit(session: Session, data: TaskData, threshold: float, pseudo: Any = None) -> dict[str, Any]:
+def warm_start(hp: SimpleNamespace, members: list[Path], summary: dict[str, Any] | None) -> Path | None:
+    """--refit-warm: the best.pt (of ``members``, output/models/R/fold<f>/best.pt) of the fold with
+    the highest OOF Dice in ``summary`` (the first one on a tie, or when none is scored yet); None
+    without --refit-warm: the refit starts from scratch."""
+    if not hp.refit_warm or not members:
+        return None
+    per_fold = {int(f): float(d) for f, d in ((summary or {}).get("per_fold") or {}).items()}
+    return max(members, key=lambda p: per_fold.get(int(p.parent.name.removeprefix("fold")), float("-inf")))
+
+
+def run_refit(session: Session, data: TaskData, threshold: float, pseudo: Any = None,
+              start: Path | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) the refit on every train image, with the folds' pseudo-labeled
-    batches where ``pseudo``; record ``threshold`` in its best.pt; returns its record."""
+    batches where ``pseudo``, from ``start``'s weights where given (:func:`warm_start`); record
+    ``threshold`` in its best.pt; returns its record."""
     hp, main = session.hp, session.main
     folder, logs = refit_folders(session)
     if finished_record(folder) is None:
         images, masks = data.train_images + data.valid_images, data.train_masks + data.valid_masks
-        budget = refit_budget(hp)
+        budget, lr = refit_budget(hp), float(hp.refit_lr or hp.lr)
         if main:
             limit = f"{budget:g} minutes (at most {hp.epochs} epochs)" if budget else f"{hp.epochs} epochs"
+            origin = f"from {start}" if start is not None else "from scratch"
             print(f"\n=== refit on every car: {len(images)} images ({len({car_id(Path(p).name) for p in images})} "
-                  f"cars), {limit} ===")
+                  f"cars), {limit}, {origin}, lr {lr:g} ===")
         final = PublishFinal(folder)
-        refit_hp = SimpleNamespace(**{**vars(hp), "time_budget": budget})
+        refit_hp = SimpleNamespace(**{**vars(hp), "time_budget": budget, "lr": lr})
         classifier = train_model(refit_hp, session.device, data, (images, masks, [], []), folder, logs, session.run,
-                                 [*session.callbacks, final], pseudo)
+                                 [*session.callbacks, final], pseudo, start)
         if main and not final.published:  # trained to the end before (resumed after its last epoch)
             publish_copy(folder / "last.pt", folder / "best.pt")
         record = {"folder": str(folder), "images": len(images),
                   "pseudo_labeled_images": len(pseudo.images) if pseudo is not None else 0,
                   "epochs_trained": classifier.epoch + 1, "minutes": training_minutes(logs / "metrics.csv"),
-                  "budget_minutes": budget}
+                  "budget_minutes": budget, "started_from": str(start) if start is not None else "scratch", "lr": lr}
         dist.barrier()
         if main:
             record_threshold([folder / "best.pt"], threshold)

@@ -55,7 +55,7 @@ ROLES: dict[str, Role] = {
     # Weight averaging and the Lovasz fine-tune change what a trial trains: a study may search them.
     **_roles(LEARNING, "ema", "lovasz", tunable=True),
     # The refit trains after the OOF figures a study selects on, so searching it would change nothing.
-    **_roles(LEARNING, "refit", "refit_budget"),
+    **_roles(LEARNING, "refit", "refit_budget", "refit_warm", "refit_lr", "refit_pseudo"),
     **_roles(STUDENT, "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
              "pseudo_rounds"),
     **_roles(PREDICTION, "test_sample_size", "test_dir", "tta", "predict_batch_size", "chunk_size",
