@@ -46,6 +46,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "carvana-cpu-folds.toml": ("carvana", [*UNET1024, "--folds", "2"]),
     # 2 folds, fold 0 of them: the recipe's one-fold training, OOF threshold and fold-0 prediction.
     "carvana-cpu-45min.toml": ("carvana", [*UNET1024, "--folds", "2"]),
+    # the same + the warm refit on every car with the fold's pseudo-labels of the test images
+    "carvana-cpu-45min-pseudo.toml": ("carvana", [*UNET1024, "--folds", "2"]),
     "kaggle-gpu-unet1024.toml": ("carvana", UNET1024),
     "kaggle-notebook-t4.toml": ("carvana", UNET1024),  # sync_batchnorm: ignored on the CPU, with a note
     # Native 1280x1920 cannot be shrunk: a small input size and a smaller crop (UNet1024: multiples
