@@ -1,6 +1,9 @@
 """``--refit``: once the folds are scored out of fold and (``--threshold auto``) the threshold is
 chosen on them, one more model trains on every train image (all cars) and predicts the test
 set alone, at that threshold. The folds only measure and choose; the refit is what is submitted.
+With ``--refit-warm`` it starts from the best fold's weights (a fine-tune, at ``--refit-lr``)
+instead of from scratch; with ``--refit-pseudo`` (pipeline/binary.py) its batches also mix in the
+folds' pseudo-labels of the test images.
 
 Layout for run R::
 
