@@ -19,7 +19,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from carvana.pipeline.fit import parse_crop, training_config
+from carvana.pipeline.fit import parse_coarse, parse_crop, training_config
 from carvana.pipeline.roles import check_roles
 from carvana.pipeline.plans import FOLDS, MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
 from carvana.pipeline.session import USER_ERRORS, open_session, user_message
@@ -39,9 +39,11 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
                         f"{hp.classes}): drop --folds / --ensemble")
     if hp.train and plan in (SINGLE, FOLDS):
         # The network the settings describe, checked before anything is written or removed: its
-        # size rule, --crop, and (for a fresh run) its pretrained encoder weights, fetched or
-        # refused offline.
-        parse_crop(hp.crop, training_config(hp, 1, fresh=not hp.resume))
+        # size rule, --crop, --coarse-size, and (for a fresh run) its pretrained encoder weights,
+        # fetched or refused offline.
+        config = training_config(hp, 1, fresh=not hp.resume)
+        parse_crop(hp.crop, config)
+        parse_coarse(hp, config)
     return task, plan
 
 

@@ -17,7 +17,8 @@ from carvana.data.datasets import seed_worker, train_augmentation
 from carvana.data.palette import label_grid
 from carvana.data.pseudo import MixedBatchSampler, MixedDataset, PseudoLabeledDataset
 from carvana.data.sampling import EpochSampler
-from carvana.models.registry import ModelConfig, ModelConfigError, build_model, make_config, output_size, parse_size
+from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, build_model, make_config, output_size, \
+    parse_size
 from carvana.models.smp_nets import resolve_encoder_weights
 from carvana.pipeline.plans import PlanError, parse_threshold
 from carvana.pipeline.roles import recorded
@@ -79,17 +80,43 @@ def prediction_model(weights: Path, classes: int, given: dict[str, Any]) -> tupl
 
 def parse_crop(text: str, config: ModelConfig) -> tuple[int, int] | None:
     """--crop HxW (None when empty): inside the data size and a size the network can take."""
+    return training_size("--crop", text, config)
+
+
+def parse_coarse(hp: SimpleNamespace, config: ModelConfig) -> tuple[int, int] | None:
+    """--coarse-size HxW with --coarse-share F (None when off): both or neither, a size inside the
+    data size that the network can take, and not with --crop or a network whose input carries a
+    mirrored margin (unet-original), since a scaled batch would lose that geometry."""
+    size = training_size("--coarse-size", hp.coarse_size, config)
+    if (size is None) != (hp.coarse_share == 0):
+        given, missing = ("--coarse-size", "--coarse-share") if size else ("--coarse-share", "--coarse-size")
+        raise PlanError(f"{given} needs {missing} too (progressive resizing: the first share of training "
+                        "steps on batches scaled down to that size)")
+    if size is not None and hp.crop:
+        raise PlanError(f"--coarse-size {hp.coarse_size} cannot be used with --crop {hp.crop}: choose one way "
+                        "to make training steps cheaper")
+    if size is not None and arch_spec(config.arch).output_margin:
+        raise PlanError(f"--coarse-size: not for --arch {config.arch}, whose input carries a mirrored margin")
+    return size
+
+
+def training_size(flag: str, text: str, config: ModelConfig) -> tuple[int, int] | None:
+    """A training-time HxW given by ``flag`` (None when empty): at most the data size, and a size
+    the network's size rule accepts; a PlanError naming the flag otherwise."""
     if not text:
         return None
-    crop = parse_size(text)
-    data_hw = output_size(config)
-    if crop[0] > data_hw[0] or crop[1] > data_hw[1]:
-        raise PlanError(f"--crop {text} is larger than --input-size {data_hw[0]}x{data_hw[1]}")
     try:
-        make_config(config.arch, config.width, config.classes, crop, config.encoder or "resnet34", "none")
+        size = parse_size(text)
     except ModelConfigError as exc:
-        raise PlanError(f"--crop {text}: {exc}") from None
-    return crop
+        raise PlanError(f"{flag} {text}: {exc}") from None
+    data_hw = output_size(config)
+    if size[0] > data_hw[0] or size[1] > data_hw[1]:
+        raise PlanError(f"{flag} {text} is larger than --input-size {data_hw[0]}x{data_hw[1]}")
+    try:
+        make_config(config.arch, config.width, config.classes, size, config.encoder or "resnet34", "none")
+    except ModelConfigError as exc:
+        raise PlanError(f"{flag} {text}: {exc}") from None
+    return size
 
 
 def task_for(hp: SimpleNamespace, data: TaskData) -> BinaryTask | MultiClassTask:
@@ -112,6 +139,7 @@ def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelCon
             weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
             channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
             eval_streams=hp.eval_streams, ema=hp.ema, lovasz=hp.lovasz,
+            coarse_size=parse_coarse(hp, config), coarse_share=hp.coarse_share,
             # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
             threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
         )

@@ -54,6 +54,8 @@ ROLES: dict[str, Role] = {
     **_roles(LEARNING, "time_budget", "encoder_weights", "fast_decode"),
     # Weight averaging and the Lovasz fine-tune change what a trial trains: a study may search them.
     **_roles(LEARNING, "ema", "lovasz", tunable=True),
+    # Progressive resizing: cheaper early steps, so a study may search how many and how small.
+    **_roles(LEARNING, "coarse_size", "coarse_share", tunable=True),
     # The refit trains after the OOF figures a study selects on, so searching it would change nothing.
     **_roles(LEARNING, "refit", "refit_budget", "refit_warm", "refit_lr", "refit_pseudo"),
     **_roles(STUDENT, "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",

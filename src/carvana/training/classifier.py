@@ -71,9 +71,12 @@ class CarvanaClassifier:
         eval_streams: int = 0,
         ema: float = 0.0,
         lovasz: float = 0.0,
+        coarse_size: tuple[int, int] | None = None,
+        coarse_share: float = 0.0,
     ) -> None:
         check_fraction("--ema", ema, "a decay (e.g. 0.998)")
         check_fraction("--lovasz", lovasz, "a fraction of training")
+        check_fraction("--coarse-share", coarse_share, "a fraction of training")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
@@ -111,6 +114,8 @@ class CarvanaClassifier:
         if lovasz > 0 and not isinstance(self.task, BinaryTask):
             raise TrainingSettingError(f"--lovasz {lovasz:g}: the Lovasz hinge loss is for the binary task only")
         self.lovasz, self.lovasz_loss = lovasz, LovaszHingeLoss()  # the last `lovasz` of training steps on it
+        # Progressive resizing: the first `coarse_share` of training steps on batches scaled to coarse_size.
+        self.coarse_size, self.coarse_share = coarse_size, coarse_share
         # --ema: validation, best.pt and prediction use this average of the weights (training/averaging.py).
         self.average = WeightAverage(self.model, ema) if ema > 0 else None
         self.monitor = self.task.monitor

@@ -7,8 +7,9 @@ the gradient scaler, optional gradient clipping, the optimiser step. Under ``--f
 the encoder keeps its weights and BatchNorm statistics; under ``--time-budget`` the epoch stops
 at the step that spends the budget. With ``--ema`` the weight average (training/averaging.py)
 follows each step; with ``--lovasz`` the last part of training steps on the Lovász hinge loss
-instead of the task's loss (:func:`uses_lovasz` says when). Validation always scores the task's
-loss, so ``valid_loss`` stays comparable across the switch.
+instead of the task's loss (:func:`uses_lovasz` says when); with ``--coarse-size`` the first part
+steps on batches scaled down (progressive resizing, :func:`uses_coarse`). Validation always scores
+the task's loss at the full size, so ``valid_loss`` stays comparable across either switch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -50,6 +52,31 @@ def uses_lovasz(trainer: Any, epoch: int) -> bool:
     return trainer.time_budget > 0 and trainer._budget_used >= (1.0 - trainer.lovasz) * trainer.time_budget
 
 
+def uses_coarse(trainer: Any, epoch: int) -> bool:
+    """Whether a step of ``epoch`` trains on batches scaled down to ``trainer.coarse_size``
+    (progressive resizing, --coarse-size with --coarse-share F): the first floor(F * epochs) of the
+    run's ``trainer.epochs``; under --time-budget instead every step until F of the budget's clock
+    is used (``trainer._budget_used``, as for :func:`uses_lovasz`), so a slower machine spends the
+    same share of its minutes there."""
+    if trainer.coarse_size is None or trainer.coarse_share <= 0:
+        return False
+    if trainer.time_budget > 0:
+        return trainer._budget_used < trainer.coarse_share * trainer.time_budget
+    return epoch < math.floor(trainer.coarse_share * trainer.epochs + 1e-9)
+
+
+def scaled_batch(images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch scaled down to ``size`` (H, W): images antialiased bilinear; float masks
+    (binary 0/1, or soft pseudo-labels) by area, so an edge pixel's target is the share of car it
+    covers; class-id masks (multi-class, (B, H, W) int64) by nearest, since ids cannot be averaged."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images, masks
+    small = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if masks.is_floating_point():
+        return small, F.interpolate(masks, size=size, mode="area")
+    return small, F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")[:, 0].to(masks.dtype)
+
+
 def loss_name(loss_fn: Any) -> str:
     """What a metrics row calls a loss: its ``name`` attribute, else its class name."""
     return str(getattr(loss_fn, "name", type(loss_fn).__name__))
@@ -68,11 +95,17 @@ def train_one_epoch(trainer: Any, loader: Iterable[dict], epoch: int, epochs: in
     bar = tqdm(loader, desc=f"train {epoch + 1}/{epochs}", leave=False, disable=trainer._bar_off, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         images, masks = trainer._images_to_device(batch["image"]), trainer._masks_to_device(batch["mask"])
+        coarse = uses_coarse(trainer, epoch)
+        if coarse:
+            images, masks = scaled_batch(images, masks, trainer.coarse_size)
         with trainer._autocast():
             logits = trainer.net(images)
         loss_fn = trainer.lovasz_loss if uses_lovasz(trainer, epoch) else trainer.loss_fn
-        if not used or used[-1] != loss_name(loss_fn):
-            used.append(loss_name(loss_fn))
+        # A loss at the coarse size is another figure than at full size: named apart, so the best
+        # epoch without validation is compared within one kind (as across the Lovasz switch).
+        name = loss_name(loss_fn) + ("@{}x{}".format(*trainer.coarse_size) if coarse else "")
+        if not used or used[-1] != name:
+            used.append(name)
         loss = loss_fn(logits.float(), masks)  # fp32 loss whatever the autocast dtype
         check_finite_everywhere(loss, epoch, step)
         trainer.optimizer.zero_grad(set_to_none=True)
