@@ -5,22 +5,21 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline import decide
 from carvana.pipeline.plans import PlanError
 from carvana.pipeline.settings import parse_command
+from carvana.training import classifier as classifier_module
 from carvana.training import epoch as epoch_module
 from carvana.training.classifier import CarvanaClassifier
 from carvana.training.epoch import TrainingSettingError, scaled_batch, uses_coarse
+from carvana.training.logging_callbacks import ConsoleLogger
 from conftest import synthetic_batches
-from test_pipeline import run_main
 from test_students import defaults
 
 
@@ -79,14 +78,16 @@ class ShapeRecorder(nn.Module):
         return self.conv(x)
 
 
-def test_training_steps_on_scaled_batches_first_then_at_full_size_and_names_the_loss_apart():
+def test_training_steps_on_scaled_batches_first_then_at_full_size_and_names_the_loss_apart(capsys):
     torch.manual_seed(0)
     model = ShapeRecorder()
     clf = CarvanaClassifier(model, epochs=4, lr=1e-2, device="cpu", progress=False, coarse_size=(8, 8),
                             coarse_share=0.5)
-    history = clf.train(synthetic_batches(2, hw=(16, 16), full_masks=False), None)
+    history = clf.train(synthetic_batches(2, hw=(16, 16), full_masks=False), None, callbacks=[ConsoleLogger()])
     assert model.seen == [(8, 8)] * 4 + [(16, 16)] * 4  # 2 batches an epoch, epochs 0-1 coarse
     assert [h["loss_fn"] for h in history] == ["bce+dice@8x8"] * 2 + ["bce+dice"] * 2
+    lines = capsys.readouterr().out.splitlines()  # the console names the coarse epochs, not the others
+    assert [line.split("  ")[1].endswith(" (bce+dice@8x8)") for line in lines] == [True, True, False, False]
     # Without validation best.pt is chosen among the full-size epochs: coarse losses do not compare.
     assert clf.best_loss_fn == "bce+dice"
     assert clf.best_metric == -min(h["train_loss"] for h in history[2:])
@@ -103,8 +104,6 @@ def test_under_a_budget_the_clock_ends_the_coarse_phase_mid_epoch(monkeypatch):
             return super().forward(x)
 
     model = Ticking()
-    from carvana.training import classifier as classifier_module
-
     monkeypatch.setattr(classifier_module.time, "perf_counter", lambda: clock[0])
     clf = CarvanaClassifier(model, epochs=100, lr=1e-2, device="cpu", progress=False, coarse_size=(8, 8),
                             coarse_share=0.3, time_budget=10.0)
@@ -137,16 +136,3 @@ def test_coarse_settings_that_cannot_run_are_refused_in_one_line(args, phrase):
     with pytest.raises(PlanError) as refusal:
         decide(command.hp, command.given)
     assert phrase in str(refusal.value) and "\n" not in str(refusal.value)
-
-
-def test_main_trains_the_first_epochs_at_the_coarse_size_and_records_it(tmp_path):
-    data = write_demo_dataset(tmp_path / "tiny", seed=4, n_train_cars=2, n_test_cars=1)
-    result = run_main(tmp_path, "--data-dir", str(data), "--run-name", "c", "--input-size", "128x128",
-                      "--coarse-size", "64x64", "--coarse-share", "0.5", "--epochs", "2", "--width", "0.125",
-                      "--batch-size", "4", "--workers", "0", "--validation-size", "0.5", "--no-predict")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    metrics = pd.read_csv(tmp_path / "logs/c/metrics.csv")
-    assert metrics["loss_fn"].tolist() == ["bce+dice@64x64", "bce+dice"]
-    assert metrics["valid_dice"].notna().all()  # validation at the full size after either kind of epoch
-    checkpoint = torch.load(tmp_path / "output/models/c/last.pt", weights_only=True)
-    assert (checkpoint["hparams"]["coarse_size"], checkpoint["hparams"]["coarse_share"]) == ("64x64", 0.5)

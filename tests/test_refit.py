@@ -117,6 +117,7 @@ def test_an_interrupted_refit_resumes_from_last_pt_and_a_finished_one_is_skipped
     assert "fold 0/2: finished earlier, skipped" in resumed.stdout and "=== fold 0 of 2" not in resumed.stdout
     assert f"resuming run k from {REFIT}/last.pt after epoch 1" in resumed.stdout
     assert "epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+    assert "pseudo-labels: 0 labeled now" in resumed.stdout  # the unfinished refit reuses the folds' labels
     best, last = load_checkpoint(folder / "best.pt"), load_checkpoint(folder / "last.pt")
     assert best["epoch"] == last["epoch"] == 1 and weights_equal(best["model"], last["model"])
     assert json.loads((cwd / "logs/k/summary.json").read_text())["refit"]["epochs_trained"] == 2
@@ -125,6 +126,7 @@ def test_an_interrupted_refit_resumes_from_last_pt_and_a_finished_one_is_skipped
     skipped = run_main(cwd, *COMMON, "--resume")
     assert skipped.returncode == 0, skipped.stdout[-3000:] + skipped.stderr[-3000:]
     assert "refit: finished earlier, skipped" in skipped.stdout and "=== refit" not in skipped.stdout
+    assert "pseudo-labels:" not in skipped.stdout  # a finished refit needs no labels: the folds are not loaded
     assert {p: v for p, v in snapshot(cwd).items() if "/refit/" in p} == refit_files
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -187,21 +188,25 @@ def test_checkpoints_without_an_average_still_load(tmp_path):
         assert torch.equal(predictor.model.state_dict()[name], averaged.average.weights[name].to(t.dtype))
 
 
-def test_main_with_ema_and_lovasz_writes_a_valid_submission(tmp_path):
-    """`python main.py --ema 0.9 --lovasz 0.5` end to end on a tiny demo set; a bad value is one line."""
+def test_main_with_ema_lovasz_and_coarse_steps_writes_a_valid_submission(tmp_path):
+    """`python main.py --ema 0.9 --lovasz 0.5 --coarse-size 64x64 --coarse-share 0.5` end to end on a
+    tiny demo set (epoch 1 coarse, epoch 2 on the Lovasz hinge); a bad value is one line."""
     from carvana.data.demo.dataset import write_demo_dataset
     from carvana.submission.validate import expected_names, validate_submission
     from test_pipeline import TINY, run_main
 
     data = write_demo_dataset(tmp_path / "tiny", seed=3, n_train_cars=2, n_test_cars=1)
     result = run_main(tmp_path, "--data-dir", str(data), "--epochs", "2", "--run-name", "e", "--ema", "0.9",
-                      "--lovasz", "0.5", *TINY)
+                      "--lovasz", "0.5", *TINY, "--input-size", "128x128", "--coarse-size", "64x64",
+                      "--coarse-share", "0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = validate_submission(tmp_path / "output" / "submit.csv.gz", expected_names(data / "sample_submission.csv"))
     assert report.ok, str(report)
     last = load_checkpoint(tmp_path / "output" / "models" / "e" / "last.pt")
     assert last["ema"]["decay"] == 0.9 and last["hparams"]["ema"] == 0.9 and last["hparams"]["lovasz"] == 0.5
     assert [last["metrics"]["loss_fn"], last["metrics"]["epoch"]] == ["lovasz", 1]
+    assert (last["hparams"]["coarse_size"], last["hparams"]["coarse_share"]) == ("64x64", 0.5)
+    assert pd.read_csv(tmp_path / "logs/e/metrics.csv")["loss_fn"].tolist() == ["bce+dice@64x64", "lovasz"]
     bad = run_main(tmp_path, "--data-dir", str(data), "--epochs", "1", "--run-name", "bad", "--ema", "1.5", *TINY)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: --ema 1.5: expected a decay (e.g. 0.998) in [0, 1); 0 = off"], bad.stderr

@@ -15,12 +15,13 @@ from typing import Any
 from carvana.data.datasets import TrainImageDataset
 from carvana.data.sources.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.mask_table import mask_table_for
-from carvana.models.registry import output_size
+from carvana.models.registry import ModelConfig, output_size
 from carvana.pipeline.fit import TaskData, train_model, training_config
 from carvana.pipeline.folds import run_folds
 from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_fold, parse_threshold
 from carvana.pipeline.pseudo import finish_round, pseudo_labels, round_finished, round_session
-from carvana.pipeline.refit import discard_stale_refit, refit_folders, refit_weights, run_refit, warm_start
+from carvana.pipeline.refit import discard_stale_refit, finished_record, refit_folders, refit_weights, run_refit, \
+    warm_start
 from carvana.pipeline.session import Session, print_summary, write_json
 from carvana.submission.ensemble import EnsemblePredictor, load_members, member_paths, parse_weights
 from carvana.submission.sharded import predict_to_submission
@@ -100,11 +101,12 @@ def train_students(session: Session, data: TaskData, plan: str, threshold: float
     for r in range(1, hp.pseudo_rounds if teacher else 1):  # earlier students, each the next round's teacher
         sub = round_session(session, r, parse_fold(hp.fold, hp.folds) if plan == FOLDS else None)
         if not round_finished(sub):
-            train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {}, refit=False)
+            train_plan(sub, data, plan, threshold, auto, pseudo_labels(sub, data, config, teacher), {}, config,
+                       refit=False)
             finish_round(sub, teacher)
         teacher = str(sub.models_dir)
     pseudo = pseudo_labels(session, data, config, teacher)
-    return train_plan(session, data, plan, threshold, auto, pseudo, info)
+    return train_plan(session, data, plan, threshold, auto, pseudo, info, config)
 
 
 def fold_models(session: Session, threshold: float, info: dict[str, Any]) -> tuple[list[Path], float]:
@@ -130,10 +132,11 @@ def fold_models(session: Session, threshold: float, info: dict[str, Any]) -> tup
 
 
 def train_plan(session: Session, data: TaskData, plan: str, threshold: float, auto: bool, pseudo: Any,
-               info: dict[str, Any], refit: bool = True) -> tuple[list[Path], float]:
+               info: dict[str, Any], config: ModelConfig, refit: bool = True) -> tuple[list[Path], float]:
     """Train a single split or the folds, then (``refit`` and --refit) a model on every car (with
-    pseudo-labeled batches where ``pseudo``); returns the models to predict with and the
-    threshold, and adds the run's figures to ``info``."""
+    pseudo-labeled batches where ``pseudo``; with --refit-pseudo, the folds' labels of the
+    unlabeled images, predicted by the run's network ``config``); returns the models to predict
+    with and the threshold, and adds the run's figures to ``info``."""
     record_pseudo(info, pseudo)
     if plan == SINGLE:
         classifier = train_model(session.hp, session.device, data, (data.train_images, data.train_masks,
@@ -150,8 +153,10 @@ def train_plan(session: Session, data: TaskData, plan: str, threshold: float, au
     if not (refit and session.hp.refit):
         return result.members, result.threshold
     start = warm_start(session.hp, result.members, result.summary)
-    if session.hp.refit_pseudo:  # transductive: the folds label the unlabeled (test) images for the refit
-        pseudo = pseudo_labels(session, data, training_config(session.hp, 1, fresh=False), result.members)
+    # Transductive: the folds label the unlabeled (test) images for the refit; a finished refit
+    # (skipped by --resume) needs no labels, so the folds are not loaded for them.
+    if session.hp.refit_pseudo and finished_record(refit_folders(session)[0]) is None:
+        pseudo = pseudo_labels(session, data, config, result.members)
         record_pseudo(info, pseudo)
     info["refit"] = run_refit(session, data, result.threshold, pseudo, start)  # at the threshold OOF chose
     return [refit_folders(session)[0] / "best.pt"], result.threshold

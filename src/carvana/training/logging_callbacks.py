@@ -16,6 +16,7 @@ import numpy as np
 from carvana.data.files import write_bytes_atomic, write_text_atomic
 from carvana.training.callbacks import Callback, Preview
 from carvana.training import distributed as dist
+from carvana.training.epoch import loss_name
 
 METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_dice", "lr", "seconds", "is_best", "loss_fn")
 
@@ -45,6 +46,8 @@ class ConsoleLogger(Callback):
         if not dist.is_main_process():
             return
         parts = [f"epoch {epoch + 1}/{trainer.epochs}", f"train_loss {metrics['train_loss']:.4f}"]
+        if metrics.get("loss_fn", plain_loss(trainer)) != plain_loss(trainer):  # --coarse-size, --lovasz
+            parts[-1] += f" ({metrics['loss_fn']})"
         if "valid_dice" in metrics:
             parts += [f"valid_loss {metrics['valid_loss']:.4f}", f"valid_dice {metrics['valid_dice']:.5f}"]
         if "valid_miou" in metrics:  # multi-class runs
@@ -55,6 +58,11 @@ class ConsoleLogger(Callback):
             parts.append(f"train {metrics['train_images'] / metrics['train_seconds']:.1f} img/s")
         parts.append("*best*" if metrics.get("is_best") else "")
         print("  ".join(p for p in parts if p), flush=True)
+
+
+def plain_loss(trainer: Any) -> str:
+    """The name of the task's own loss at the full size, as metrics rows give it ("bce+dice")."""
+    return loss_name(trainer.loss_fn) if hasattr(trainer, "loss_fn") else ""
 
 
 class CSVLogger(Callback):
