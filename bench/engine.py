@@ -13,7 +13,9 @@ Dice of its submission against the true masks of ``../shared/carvana-sample`` (t
 and against torch's masks. The int8 variants (``--int8``, training/quantize.py) are calibrated on
 the sample's TRAIN images, as main.py calibrates on training images: ``openvino-int8`` keeps the
 first and last convolutions in float, ``openvino-int8-fullres`` also the full-resolution ones;
-``openvino-int8-fp32`` is ``openvino-int8`` with ``--no-amp`` (its float layers in fp32).
+``openvino-int8-fp32`` is ``openvino-int8`` with ``--no-amp`` (its float layers in fp32). An
+engine's variant with ``-graph1`` appended (``openvino-int8-fp32-graph1``) runs the earlier
+prediction graph (``flip`` and UNet1024's concatenations, training/engines.py: ``GRAPH``).
 
 Usage (from the repository root)::
 
@@ -65,6 +67,18 @@ VARIANTS = {"torch": ("torch", True, None), "torch-fp32": ("torch", False, None)
             "openvino-int8-fp32": ("openvino", False, "ends")}
 
 
+GRAPH1 = "-graph1"  # a variant name + this: the same engine on the earlier prediction graph (engines.GRAPH = 1)
+GRAPH = engines.GRAPH  # the current layout, kept before any variant sets engines.GRAPH
+
+
+def variant_spec(variant: str) -> tuple[str, bool, str | None, int]:
+    """(engine, amp, int8 scope or None, graph layout) of a variant name."""
+    base = variant.removesuffix(GRAPH1)
+    if base not in VARIANTS or (base != variant and VARIANTS[base][0] == "torch"):
+        raise KeyError(variant)
+    return (*VARIANTS[base], 1 if base != variant else GRAPH)
+
+
 def sample_int8(scope: str = "ends") -> list:
     """main.py's --int8 for one member, calibrated as main.py calibrates: on up to
     CALIBRATION_IMAGES training images (the sample's), never a test photo."""
@@ -73,8 +87,8 @@ def sample_int8(scope: str = "ends") -> list:
 
 def load_variant(checkpoint: Path, variant: str, cache: Path) -> list:
     """The checkpoint loaded as main.py loads it for ``variant`` (int8: calibrated on train images)."""
-    engine, amp, scope = VARIANTS[variant]
-    engines.CACHE_DIR = cache
+    engine, amp, scope, graph = variant_spec(variant)
+    engines.CACHE_DIR, engines.GRAPH = cache, graph  # graphs are built (and keyed) on first use, after this
     int8 = sample_int8(scope) if scope is not None else None
     return load_members([checkpoint], [1.0], "cpu", amp=amp, engine=engine, int8=int8)
 
@@ -149,6 +163,14 @@ def quick_checkpoint(work: Path, epochs: int) -> Path:
     return work / "output" / "models" / "bench-engine" / "best.pt"
 
 
+def known(variant: str) -> bool:
+    try:
+        variant_spec(variant)
+    except KeyError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path)
@@ -157,7 +179,8 @@ def main() -> None:
     parser.add_argument("--variants", default="torch,openvino,openvino-fp32,onnxruntime",
                         help="the first is the baseline; also torch-fp32 (--no-amp), for what a CPU without bf16 "
                              "runs, and openvino-int8, openvino-int8-fullres, openvino-int8-fp32 (--int8; the "
-                             "last with --no-amp)")
+                             "last with --no-amp); an engine's variant with -graph1 appended runs the earlier "
+                             "prediction graph (flip and concatenations: the A/B of the graph's layout)")
     parser.add_argument("--train-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (main.py's --predict-batch-size)")
     parser.add_argument("--isa", choices=ISAS, default="native",
@@ -167,10 +190,11 @@ def main() -> None:
     if not (OFFICIAL.is_file() and (SAMPLE / "test_solution.csv").is_file()):
         raise SystemExit(f"this bench needs {OFFICIAL} and {SAMPLE}")
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if not known(v)]
     if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
-    bf16 = [v for v in variants if VARIANTS[v][1]]
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}, an engine's "
+                         f"with {GRAPH1} appended")
+    bf16 = [v for v in variants if variant_spec(v)[1]]
     if args.isa == "avx2" and bf16:
         raise SystemExit(f"--isa avx2: the variant(s) {', '.join(bf16)} run in bf16, which an AVX2-only CPU lacks; use the "
                          "fp32 variants (torch-fp32, openvino-fp32, openvino-int8-fp32, onnxruntime)")

@@ -60,6 +60,50 @@ def test_an_engine_gives_the_torch_paths_probabilities_and_masks(engine, arch, c
         assert float(got[1].abs().max()) == 0.0  # an unreadable image: all zero, as on the torch path
 
 
+def trained_statistics(model):
+    """Non-trivial BatchNorm parameters and running statistics, as a trained net has (a fresh
+    net's are 1 and 0, which folds trivially)."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=gen) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.2
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch, classes, size, width", NETWORKS)
+def test_both_graph_layouts_compute_the_torch_paths_values_and_the_new_one_has_no_copies(arch, classes, size, width,
+                                                                                         tmp_path):
+    import numpy as np
+    import onnx
+    import openvino as ov
+
+    from carvana.training.engines import ProbabilityGraph, export_graph
+
+    clf = classifier(arch, classes, size, width)
+    trained_statistics(clf.model.eval())
+    margin = engines.arch_spec(arch).output_margin
+    hw = tuple(clf.model_config.input_size[i] - 2 * margin for i in (0, 1))  # as compile_engine exports it
+    images = torch.randint(0, 256, (2, 3, *hw), dtype=torch.uint8)
+    with clf.fixed_weights():
+        want = batch_probabilities(clf, {"image": images, "ok": torch.ones(2, dtype=torch.bool)}, True)
+    for layout in (1, 2):
+        path = tmp_path / f"graph{layout}.onnx"
+        export_graph(ProbabilityGraph(clf.model, clf.model_config, True, layout=layout).eval(), hw, path)
+        got = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(images.numpy())[0]
+        assert float(np.abs(got - want.numpy().reshape(got.shape)).max()) < 1e-4, layout
+        nodes = onnx.load(str(path)).graph.node
+        channel_concats = [n for n in nodes if n.op_type == "Concat" and any(a.name == "axis" and a.i == 1
+                                                                             for a in n.attribute)]
+        gathers = [n for n in nodes if n.op_type == "Gather" and any(a.name == "axis" and a.i == 3 for a in n.attribute)]
+        if layout == 2:
+            assert gathers and (not channel_concats or arch != "unet1024")  # mirrored by Gather; no skip copies
+        else:
+            assert not gathers and (len(channel_concats) == 6 or arch != "unet1024")
+
+
 def test_the_compiled_model_is_cached_keyed_and_rebuilt_when_corrupt(tmp_path, capsys):
     clf = classifier("unet1024", 1, (64, 128), 0.125)
     digest = weights_digest(clf.model.state_dict())

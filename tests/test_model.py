@@ -11,6 +11,7 @@ from carvana.models.unet1024 import (
     parse_input_size,
     scale_channels,
     upsample_bilinear,
+    without_concatenation,
 )
 
 
@@ -122,6 +123,32 @@ def test_channels_last_matches_contiguous_in_eval() -> None:
         model_cl = model.to(memory_format=torch.channels_last)
         out = model_cl(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def with_trained_statistics(model: UNet1024) -> UNet1024:
+    """Non-trivial BatchNorm affine parameters and running statistics, as a trained net has."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("h", "w", "width", "classes"), [(64, 64, 0.125, 1), (128, 192, 0.25, 1), (64, 128, 0.125, 3)])
+def test_the_concatenation_free_copy_computes_the_same_logits(h: int, w: int, width: float, classes: int) -> None:
+    model = with_trained_statistics(UNet1024(width=width, classes=classes))
+    twin = without_concatenation(model)
+    x = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        ref = model(x)
+        out = twin(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert all(type(d).__name__ == "DecoderStack" for d in model.decoders)  # the trained model is left as it was
+    assert all(p.data_ptr() != q.data_ptr() for p in twin.parameters() for q in model.parameters())  # a copy
+    assert model.decoders[0].decode[0].conv.weight.shape[1] == (twin.decoders[0].up_conv.weight.shape[1]
+                                                                + twin.decoders[0].skip_conv.weight.shape[1])
 
 
 def test_eval_mode_is_deterministic() -> None:

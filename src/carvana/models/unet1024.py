@@ -132,6 +132,7 @@ class DecoderStack(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
+        self.in_channels = in_channels  # where the first convolution's input splits (SkipSumDecoderStack)
         self.decode = nn.Sequential(
             ConvBnRelu(in_channels + skip_channels, out_channels),
             ConvBnRelu(out_channels, out_channels),
@@ -140,6 +141,45 @@ class DecoderStack(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.decode(torch.cat([upsample_bilinear(x, skip.shape[-2:]), skip], dim=1))
+
+
+class SkipSumDecoderStack(nn.Module):
+    """A :class:`DecoderStack` for fixed-weights inference graphs: the first convolution over
+    ``cat([upsampled, skip])`` as two convolutions, one over each part, summed (its BatchNorm
+    folded in first). The same function, without the concatenation: an inference engine then
+    copies no map, and fuses the sum into the second convolution (OpenVINO ran these channel
+    concatenations with reference kernels, about 5% of the int8 graph's time; bench/README.md).
+    Eval only: the copy shares no parameters with the trained stack."""
+
+    def __init__(self, stack: DecoderStack) -> None:
+        super().__init__()
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        first = stack.decode[0]
+        fused = fuse_conv_bn_eval(first.conv.eval(), first.bn.eval())
+        split = stack.in_channels
+        self.up_conv, self.skip_conv = (
+            nn.Conv2d(c, fused.out_channels, fused.kernel_size, padding=fused.padding, bias=bias)
+            for c, bias in ((split, True), (fused.in_channels - split, False)))
+        with torch.no_grad():
+            self.up_conv.weight.copy_(fused.weight[:, :split])
+            self.up_conv.bias.copy_(fused.bias)
+            self.skip_conv.weight.copy_(fused.weight[:, split:])
+        self.rest = stack.decode[1:]
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        y = self.up_conv(upsample_bilinear(x, skip.shape[-2:])) + self.skip_conv(skip)
+        return self.rest(F.relu(y))
+
+
+def without_concatenation(model: "UNet1024") -> "UNet1024":
+    """An eval-mode copy of ``model`` whose decoders are :class:`SkipSumDecoderStack`: the
+    same probabilities to float rounding, for graphs that inference engines compile."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    twin.decoders = nn.ModuleList(SkipSumDecoderStack(d) for d in twin.decoders)
+    return twin.eval()
 
 
 class UNet1024(nn.Module):

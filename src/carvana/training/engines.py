@@ -40,11 +40,15 @@ from torch import nn
 from carvana.data.files import atomic_path, write_json_atomic
 from carvana.data.image_tensors import mirror_pad
 from carvana.models.registry import ModelConfig, arch_spec
+from carvana.models.unet1024 import UNet1024, without_concatenation
 from carvana.training.precision import cpuinfo_flags
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 CACHE_DIR = Path(os.environ.get("CARVANA_ENGINE_CACHE", "output/engines"))
 OPSET = 17
+# The prediction graph's layout, in the cache key: 2 mirrors by Gather and runs UNet1024 without
+# concatenations; 1, the earlier graph (``flip``, concatenations), stays for bench/engine.py's A/B.
+GRAPH = 2
 
 
 class EngineError(ValueError):
@@ -54,11 +58,21 @@ class EngineError(ValueError):
 class ProbabilityGraph(nn.Module):
     """uint8 RGB (N, 3, H, W) -> probabilities (N, classes, h, w): normalisation, mirror margin,
     network, sigmoid (softmax for several classes) and, with ``tta``, the mirrored image in the
-    same batch, its map flipped back and averaged in."""
+    same batch, its map flipped back and averaged in.
 
-    def __init__(self, model: nn.Module, config: ModelConfig, tta: bool = False, pad: bool = True) -> None:
+    Shaped for the engines (measured per layer with OpenVINO's counters, bench/README.md): the
+    mirror is a Gather of the columns in reverse on the uint8 input, where ``flip`` exports as a
+    Slice with a negative step that OpenVINO runs with a reference kernel; and a UNet1024
+    runs as :func:`~carvana.models.unet1024.without_concatenation`
+    (its decoders sum two convolutions instead of concatenating). Both compute the same values.
+    ``layout`` 1 is the earlier graph (``flip`` and concatenations), for the benches' A/B."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig, tta: bool = False, pad: bool = True,
+                 layout: int | None = None) -> None:
         super().__init__()
-        self.model, self.classes, self.tta = model, config.classes, tta
+        self.layout = GRAPH if layout is None else layout
+        self.model = without_concatenation(model) if self.layout >= 2 and isinstance(model, UNet1024) else model
+        self.classes, self.tta = config.classes, tta
         # pad=False: the input already holds the margin (carvana.segment letterboxes it in)
         self.margin = arch_spec(config.arch).output_margin if pad else 0
         self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -67,15 +81,26 @@ class ProbabilityGraph(nn.Module):
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.classes == 1 else torch.softmax(logits, dim=1)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def network(self, image: torch.Tensor) -> torch.Tensor:
         x = (image.float() - self.mean) / self.std
         if self.margin:
-            x = mirror_pad(x, self.margin)
+            x = mirror_pad(x, self.margin)  # a mirror margin commutes with the horizontal mirror
+        return self.activate(self.model(x))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
         if not self.tta:
-            return self.activate(self.model(x))
-        n = x.shape[0]
-        p = self.activate(self.model(torch.cat([x, x.flip(-1)], 0)))
-        return (p[:n] + p[n:].flip(-1)) / 2
+            return self.network(image)
+        n, mirror = image.shape[0], mirrored if self.layout >= 2 else (lambda x: x.flip(-1))
+        p = self.network(torch.cat([image, mirror(image)], 0))
+        return (p[:n] + mirror(p[n:])) / 2
+
+
+def mirrored(x: torch.Tensor) -> torch.Tensor:
+    """``x.flip(-1)`` as a Gather of the columns in reverse (see :class:`ProbabilityGraph`). The
+    indices are a constant of the exported graph (its width is fixed): ONNX Runtime's extended
+    optimisations mis-shaped a Gather fed by a Range computed from the input's shape."""
+    width = int(x.shape[-1])  # a Python int while tracing too: the indices export as a constant
+    return x.index_select(x.ndim - 1, torch.from_numpy(np.arange(width - 1, -1, -1)).to(x.device))
 
 
 def engine_version(name: str) -> str:
@@ -125,7 +150,8 @@ def cpu_flags() -> str:
 def cache_key(digest: str, config: ModelConfig, tta: bool, engine: str, precision: str, pad: bool = True) -> str:
     """The compiled model's identity: anything that changes what it computes or where it runs."""
     parts = {"weights": digest, "config": config.to_dict(), "tta": bool(tta), "pad": bool(pad), "engine": engine,
-             "version": engine_version(engine), "precision": precision, "cpu": cpu_flags(), "opset": OPSET}
+             "version": engine_version(engine), "precision": precision, "cpu": cpu_flags(), "opset": OPSET,
+             "graph": GRAPH}
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # kernels capped below the CPU's flags (bench/isa.py): another build
         parts["isa_cap"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
