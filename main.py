@@ -82,6 +82,7 @@ CHECKPOINT = ""  # weights to predict with when --no-train (default: the run's b
 # --- prediction / submission ---------------------------------------------------------
 THRESHOLD = "0.5"  # probability above which a pixel is car; 'auto' = best of 0.30..0.70 on OOF Dice (needs --folds)
 TTA = True  # average with the horizontally flipped prediction
+TTA_SIZES = ""  # multi-scale TTA: other data sizes (HxW, comma separated) each model also predicts at, averaged in; OOF scoring and the threshold use them too; "" = the model's own size only
 INT8 = False  # CPU engines: predict with an int8 model (NNCF post-training quantization calibrated on training images); refused when validation Dice drops by more than --int8-max-drop
 INT8_MAX_DROP = 0.0005  # largest validation Dice drop --int8 accepts against the same engine in fp32/bf16
 ENSEMBLE = ""  # checkpoints or run folders (= their fold models), space/comma separated: predict with their average

@@ -95,7 +95,7 @@ def test_the_error_gallery_predicts_with_the_sessions_device_precision_and_strea
     config = ModelConfig(arch="unet1024", width=0.125, input_size=(64, 128))
     best = tmp_path / "models" / "fold1" / "best.pt"
     save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict()}, best)
-    hp = SimpleNamespace(amp=False, channels_last=False, eval_streams=3, tta=True, fast_decode=False,
+    hp = SimpleNamespace(amp=False, channels_last=False, eval_streams=3, tta=True, fast_decode=False, tta_sizes="",
                          engine="onnxruntime")
     session = SimpleNamespace(hp=hp, device="cpu", models_dir=tmp_path / "models")
     calls, loaded = [], []

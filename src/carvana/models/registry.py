@@ -133,6 +133,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def at_size(config: ModelConfig, size: tuple[int, int]) -> ModelConfig:
+    """The same network predicting images of data size ``size`` (a valid-convolution net's input
+    adds its margin); a ModelConfigError when the architecture's size rule refuses it."""
+    m = arch_spec(config.arch).output_margin
+    moved = replace(config, input_size=(int(size[0]) + 2 * m, int(size[1]) + 2 * m))
+    check_input_size(moved)
+    return moved
+
+
 def output_size(config: ModelConfig) -> tuple[int, int]:
     """(H, W) of the network's output: the input less the valid-convolution margin on each side.
     Images and masks are resized to this; the classifier mirror-pads images by the margin."""

@@ -19,7 +19,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from carvana.pipeline.fit import parse_coarse, parse_crop, training_config
+from carvana.pipeline.fit import parse_coarse, parse_crop, parse_tta_sizes, training_config
 from carvana.pipeline.roles import check_roles
 from carvana.pipeline.plans import FOLDS, MULTICLASS, PREDICT, SINGLE, PlanError, check_plan, choose_plan, choose_task
 from carvana.pipeline.session import USER_ERRORS, open_session, user_message
@@ -37,6 +37,7 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
     if task == MULTICLASS and plan not in (SINGLE, PREDICT):
         raise PlanError(f"{plan} are not supported for multi-class runs (--dataset {hp.dataset}, --classes "
                         f"{hp.classes}): drop --folds / --ensemble")
+    check_tta_sizes(hp, task)
     if hp.train and plan in (SINGLE, FOLDS):
         # The network the settings describe, checked before anything is written or removed: its
         # size rule, --crop, --coarse-size, and (for a fresh run) its pretrained encoder weights,
@@ -45,6 +46,17 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
         parse_crop(hp.crop, config)
         parse_coarse(hp, config)
     return task, plan
+
+
+def check_tta_sizes(hp: SimpleNamespace, task: str) -> None:
+    """--tta-sizes: sizes that parse, and none of the paths that cannot honour them (one line)."""
+    if not parse_tta_sizes(hp.tta_sizes):
+        return
+    for refused, why in ((task == MULTICLASS, "multi-class prediction runs one size"),
+                         (hp.int8, "--int8 calibrates and gates its graph at the model's own size"),
+                         (bool(hp.teacher) or hp.refit_pseudo, "pseudo-labels are made at the model's own size")):
+        if refused:
+            raise PlanError(f"--tta-sizes {hp.tta_sizes}: not with this run: {why}")
 
 
 def run_command(command: Command, callbacks: Sequence[Callback] = ()) -> int:

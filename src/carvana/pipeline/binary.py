@@ -16,7 +16,7 @@ from carvana.data.datasets import TrainImageDataset
 from carvana.data.sources.fetcher import DatasetFetcher, DatasetLayoutError
 from carvana.data.mask_table import mask_table_for
 from carvana.models.registry import ModelConfig, output_size
-from carvana.pipeline.fit import TaskData, train_model, training_config
+from carvana.pipeline.fit import TaskData, parse_tta_sizes, train_model, training_config
 from carvana.pipeline.folds import run_folds
 from carvana.pipeline.plans import ENSEMBLE, FOLDS, PREDICT, SINGLE, PlanError, parse_fold, parse_threshold
 from carvana.pipeline.pseudo import finish_round, pseudo_labels, round_finished, round_session
@@ -196,7 +196,8 @@ def submit(session: Session, data: TaskData, paths: list[Path], threshold: float
                          session.log_dir / "folds.csv" if hp.folds else None)
     # Binary models only: load_members refuses a multi-class checkpoint rather than read class 0.
     predictor = EnsemblePredictor(load_members(paths, weights, session.device, hp.amp, hp.channels_last,
-                                               hp.eval_streams, hp.engine, int8.specs if int8 else None))
+                                               hp.eval_streams, hp.engine, int8.specs if int8 else None,
+                                               parse_tta_sizes(hp.tta_sizes)))
     if int8:  # the accuracy gate, before any test image: a drop above --int8-max-drop is one line, exit 1
         info["int8_gate"] = int8.gate(predictor.members, threshold)
     if session.main:

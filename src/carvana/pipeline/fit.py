@@ -100,6 +100,20 @@ def parse_coarse(hp: SimpleNamespace, config: ModelConfig) -> tuple[int, int] | 
     return size
 
 
+def parse_tta_sizes(text: str) -> list[tuple[int, int]]:
+    """--tta-sizes 'HxW[,HxW...]' (multi-scale TTA; '' = none): the data sizes each model also
+    predicts at. Whether a network can take one is checked when its checkpoint is loaded."""
+    sizes = []
+    for item in (t for t in text.replace(" ", ",").split(",") if t):
+        try:
+            sizes.append(parse_size(item))
+        except ModelConfigError as exc:
+            raise PlanError(f"--tta-sizes {text}: {exc}") from None
+        if min(sizes[-1]) < 1:
+            raise PlanError(f"--tta-sizes {text}: {item} is not a size (both sides must be positive)")
+    return sizes
+
+
 def training_size(flag: str, text: str, config: ModelConfig) -> tuple[int, int] | None:
     """A training-time HxW given by ``flag`` (None when empty): at most the data size, and a size
     the network's size rule accepts; a PlanError naming the flag otherwise."""

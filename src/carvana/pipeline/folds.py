@@ -23,13 +23,13 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from carvana.data.datasets import TestImageDataset, read_image, true_mask
+from carvana.data.datasets import read_image, true_mask
 from carvana.data.postprocess import upsample_mask
 from carvana.models.registry import output_size
-from carvana.pipeline.fit import TaskData, train_model
+from carvana.pipeline.fit import TaskData, parse_tta_sizes, train_model
 from carvana.pipeline.plans import PlanError, parse_fold
 from carvana.pipeline.session import Session
-from carvana.submission.ensemble import Member, load_members
+from carvana.submission.ensemble import EnsemblePredictor, load_members
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint
@@ -109,20 +109,20 @@ def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], ta
     """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
     model's own data size): one row per image with its Dice at each threshold of ``grid``."""
     hp = session.hp
-    member = fold_member(best, session)
-    scores = score_fold(member.classifier, valid_images, valid_masks, output_size(member.config), grid, hp.tta,
+    predictor = fold_predictor(best, session)
+    scores = score_fold(predictor, valid_images, valid_masks, output_size(predictor.members[0].config), grid, hp.tta,
                         hp.predict_batch_size, hp.workers, mask_rles, fast_decode=hp.fast_decode)
     meta = table.set_index("image").loc[scores["image"], ["car", "angle"]].reset_index(drop=True)
     return pd.concat([scores[["image"]], meta, scores.drop(columns="image")], axis=1).assign(fold=fold)
 
 
-def fold_member(best: Path, session: Session) -> Member:
+def fold_predictor(best: Path, session: Session) -> EnsemblePredictor:
     """A fold's best.pt ready to predict as every prediction of the session does: its
-    ``--device``, ``--amp``, ``--channels-last``, ``--eval-streams`` and ``--engine``."""
+    ``--device``, ``--amp``, ``--channels-last``, ``--eval-streams``, ``--engine`` and
+    ``--tta-sizes`` (one member per size; one member without)."""
     hp = session.hp
-    (member,) = load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams,
-                              hp.engine)
-    return member
+    return EnsemblePredictor(load_members([best], [1.0], session.device, hp.amp, hp.channels_last, hp.eval_streams,
+                                          hp.engine, tta_sizes=parse_tta_sizes(hp.tta_sizes)), progress=False)
 
 
 def record_threshold(checkpoints: list[Path], threshold: float) -> None:
@@ -172,11 +172,10 @@ def gallery_entries(worst: list[dict], paths: dict[str, tuple[Path, Path]], sess
     probs: dict[str, np.ndarray] = {}
     for fold in sorted({int(w["fold"]) for w in worst}):
         names = [w["image"] for w in worst if int(w["fold"]) == fold]
-        member = fold_member(session.models_dir / f"fold{fold}" / "best.pt", session)
-        collect = _Keep()  # images at the model's data size: unet-original pads them itself
-        loader = DataLoader(TestImageDataset([paths[n][0] for n in names], output_size(member.config),
-                                             fast_decode=hp.fast_decode), batch_size=4)
-        member.classifier.predict(loader, [collect], tta=hp.tta)
+        predictor = fold_predictor(session.models_dir / f"fold{fold}" / "best.pt", session)
+        collect = _Keep()  # images at each member's data size: unet-original pads them itself
+        loader = DataLoader(predictor.test_dataset([paths[n][0] for n in names], hp.fast_decode), batch_size=4)
+        predictor.predict(loader, [collect], tta=hp.tta)
         probs.update(collect.probs)
     return [GalleryEntry(w["image"], read_image(paths[w["image"]][0]), upsample_mask(probs[w["image"]], threshold),
                          true_mask(*paths[w["image"]], mask_rles).astype(bool), float(w["dice"])) for w in worst]

@@ -60,7 +60,7 @@ ROLES: dict[str, Role] = {
     **_roles(LEARNING, "refit", "refit_budget", "refit_warm", "refit_lr", "refit_pseudo"),
     **_roles(STUDENT, "teacher", "unlabeled", "pseudo_targets", "pseudo_share", "pseudo_max_uncertain",
              "pseudo_rounds"),
-    **_roles(PREDICTION, "test_sample_size", "test_dir", "tta", "predict_batch_size", "chunk_size",
+    **_roles(PREDICTION, "test_sample_size", "test_dir", "tta", "tta_sizes", "predict_batch_size", "chunk_size",
              "postprocess_workers", "int8", "int8_max_drop"),
     **_roles(MACHINE, "data_dir", "data_root", "workers", "device", "amp", "engine", "eval_streams", "channels_last",
              "compile", "sync_batchnorm", "dist_timeout", "keep_last", "output"),

@@ -40,7 +40,7 @@ from carvana.data.image_tensors import image_to_tensor
 from carvana.data.jpeg import ImageReadError, decode_scale, jpeg_size, read_scaled
 from carvana.data.resizing import check_native_frame, fit_decoded
 from carvana.data.layout import ORIG_SHAPE, is_native
-from carvana.models.registry import ModelConfig, output_size
+from carvana.models.registry import ModelConfig, at_size, output_size
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList
 from carvana.training.evaluation import batch_probabilities
@@ -110,22 +110,34 @@ def parse_weights(text: str, n: int) -> list[float]:
 
 def load_members(paths: Sequence[Path], weights: Sequence[float], device: str | torch.device = "cpu",
                  amp: bool = True, channels_last: bool = True, eval_streams: int = 0,
-                 engine: str = "torch", int8: Sequence[Any] | None = None) -> list[Member]:
+                 engine: str = "torch", int8: Sequence[Any] | None = None,
+                 tta_sizes: Sequence[tuple[int, int]] = ()) -> list[Member]:
     """Rebuild each checkpoint's own network (whatever this run's settings say) for prediction.
     ``eval_streams``: batches predicted at once on a CPU (0 = one per core; training/streams.py);
     ``engine``: --engine (training/engines.py); ``int8``: one ``Int8Spec`` per member for --int8
-    (training/quantize.py), else float."""
+    (training/quantize.py), else float. ``tta_sizes`` (--tta-sizes, multi-scale TTA): each
+    checkpoint also predicts images of these data sizes, one member per size sharing its weights,
+    the checkpoint's weight split equally between its sizes (its own first)."""
+    if int8 and tta_sizes:
+        raise CheckpointError("--int8 cannot be used with --tta-sizes: the int8 graph is calibrated and gated at "
+                              "the model's own size")
     members = []
     for i, (path, weight) in enumerate(zip(paths, weights)):
         model, config, state = load_model(path, map_location="cpu")
         if config.classes != 1:
             raise CheckpointError(f"{path}: a {config.classes}-class model, which cannot predict the binary Carvana "
                                   "car masks")
-        clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
-                                progress=False, preview_count=0, model_config=config, eval_streams=eval_streams)
         digest = weights_digest(state["model"])
-        attach_engine(clf, engine, digest, int8=int8[i] if int8 else None)
-        members.append(Member(Path(path), clf, config, float(weight), digest))
+        sizes = list(dict.fromkeys([output_size(config), *(tuple(s) for s in tta_sizes)]))
+        for size in sizes:
+            try:
+                sized = config if size == output_size(config) else at_size(config, size)
+            except ValueError as exc:
+                raise CheckpointError(f"--tta-sizes {size[0]}x{size[1]}: {path} cannot predict at it ({exc})") from None
+            clf = CarvanaClassifier(model, epochs=1, device=str(device), amp=amp, channels_last=channels_last,
+                                    progress=False, preview_count=0, model_config=sized, eval_streams=eval_streams)
+            attach_engine(clf, engine, digest, int8=int8[i] if int8 else None)
+            members.append(Member(Path(path), clf, sized, float(weight) / len(sizes), digest))
     return members
 
 

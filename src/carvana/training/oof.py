@@ -57,10 +57,12 @@ def score_fold(classifier: Any, images: Sequence[Path], masks: Sequence[Path], i
                thresholds: Sequence[float], tta: bool, batch_size: int = 8, workers: int = 0,
                mask_rles: Mapping[str, str] | None = None, fast_decode: bool = True) -> pd.DataFrame:
     """Predict ``images`` with ``classifier`` (as the test set is predicted: same loader, TTA,
-    ``fast_decode``) and return one row per image: image, then its Dice at each threshold."""
+    ``fast_decode``) and return one row per image: image, then its Dice at each threshold.
+    ``classifier`` may be an ensemble predictor (--tta-sizes): its own loader gives each size."""
     scorer = OOFScorer({Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}, thresholds, mask_rles)
-    loader = DataLoader(TestImageDataset(list(images), input_hw, fast_decode=fast_decode), batch_size=batch_size,
-                        num_workers=workers)
+    dataset = (classifier.test_dataset(list(images), fast_decode) if hasattr(classifier, "test_dataset")
+               else TestImageDataset(list(images), input_hw, fast_decode=fast_decode))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     classifier.predict(loader, [scorer], tta=tta)
     return pd.DataFrame(scorer.rows)
 
