@@ -107,7 +107,8 @@ def run_folds(session: Session, data: TaskData, threshold: float, auto_threshold
 def score_best(best: Path, valid_images: list[Path], valid_masks: list[Path], table: pd.DataFrame, fold: int,
                grid: list[float], session: Session, mask_rles: Any = None) -> pd.DataFrame:
     """A fold's best model scored on its validation cars as the test set is predicted (TTA, the
-    model's own data size): one row per image with its Dice at each threshold of ``grid``."""
+    model's own data size and any --tta-sizes): one row per image with its Dice at each
+    threshold of ``grid``."""
     hp = session.hp
     predictor = fold_predictor(best, session)
     scores = score_fold(predictor, valid_images, valid_masks, output_size(predictor.members[0].config), grid, hp.tta,
