@@ -56,6 +56,7 @@ def test_two_epochs_lower_the_loss_and_log_iou_per_epoch_and_class(trained):
     rows = list(csv.DictReader(open(logs / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert all(r["loss_fn"] for r in rows)  # the loss each epoch stepped on, as binary runs log it
     assert 0 <= float(rows[1]["valid_miou"]) <= 1 and 0 <= float(rows[1]["valid_accuracy"]) <= 1
     per_class = list(csv.DictReader(open(logs / "per_class.csv")))
     assert [(r["epoch"], r["name"]) for r in per_class] == [(e, n) for e in "01" for n in ("bg", "square", "bar")]

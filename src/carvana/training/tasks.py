@@ -36,8 +36,9 @@ from carvana.training.streams import ordered_map
 
 IGNORE_INDEX = 255
 # The per-epoch columns of metrics.csv for a multi-class run (one row per epoch).
+# loss_fn as for binary runs: the loss each epoch stepped on (e.g. "ce+dice@64x64" under --coarse-size).
 MULTICLASS_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_miou", "valid_accuracy", "valid_mdice",
-                      "lr", "seconds", "is_best")
+                      "lr", "seconds", "is_best", "loss_fn")
 
 
 def multiclass_soft_dice(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
