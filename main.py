@@ -53,6 +53,7 @@ EMA = 0.0  # decay of an exponential moving average of the weights and BatchNorm
 LOVASZ = 0.0  # binary: the last fraction of training (of --epochs, or of the --time-budget clock) fine-tunes with the Lovasz hinge loss instead of BCE + Dice; 0 = off
 COARSE_SIZE = ""  # progressive resizing: the first --coarse-share of training steps on batches scaled down to HxW (cheaper steps, so more of them); "" = off
 COARSE_SHARE = 0.0  # that share: of --epochs, or of the --time-budget clock; the rest trains at --input-size
+VALIDATE_FROM = 0.0  # validate only once this share of training is done (of --epochs, or of the --time-budget clock), and always its last epoch; the epochs before only train (more of them in the same minutes) and best.pt is chosen among the validated ones; 0 = every epoch
 REFIT = False  # with --folds K: once the folds are scored (threshold chosen on OOF), train one model on every car (output/models/<run>/refit) and predict with it
 REFIT_BUDGET = 0.0  # minutes of training for --refit (0 = the folds' --time-budget, or their --epochs without one)
 REFIT_WARM = False  # --refit starts from the weights of the fold with the best OOF Dice instead of from scratch (a fine-tune on every car)

@@ -153,7 +153,7 @@ def classifier_for(hp: SimpleNamespace, model: torch.nn.Module, config: ModelCon
             weight_decay=hp.weight_decay, scheduler=hp.scheduler, grad_clip=hp.grad_clip, device=device, amp=hp.amp,
             channels_last=hp.channels_last, compile=hp.compile, sync_batchnorm=hp.sync_batchnorm,
             eval_streams=hp.eval_streams, ema=hp.ema, lovasz=hp.lovasz,
-            coarse_size=parse_coarse(hp, config), coarse_share=hp.coarse_share,
+            coarse_size=parse_coarse(hp, config), coarse_share=hp.coarse_share, validate_from=hp.validate_from,
             # training-time validation and previews use 0.5 until OOF chooses one (--threshold auto)
             threshold=parse_threshold(str(hp.threshold), hp.folds)[1],
         )

@@ -52,6 +52,8 @@ ROLES: dict[str, Role] = {
              "grad_clip", "augment", "crop", "threshold", tunable=True),
     # A budget, a download and a decoding choice: given by the user, measured elsewhere, never searched.
     **_roles(LEARNING, "time_budget", "encoder_weights", "fast_decode"),
+    # Which epochs validate: it chooses best.pt among them and buys training time, never searched.
+    **_roles(LEARNING, "validate_from"),
     # Weight averaging and the Lovasz fine-tune change what a trial trains: a study may search them.
     **_roles(LEARNING, "ema", "lovasz", tunable=True),
     # Progressive resizing: cheaper early steps, so a study may search how many and how small.

@@ -24,7 +24,7 @@ from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, en
 from carvana.data.image_tensors import mirror_pad, normalize_images
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training import epoch as epoch_steps
-from carvana.training.epoch import TrainingSettingError, check_fraction
+from carvana.training.epoch import TrainingSettingError, check_fraction, check_validate_from
 from carvana.training import evaluation
 from carvana.training.averaging import WeightAverage, checkpoint_entries, restore
 from carvana.training.losses import BCEDiceLoss, LovaszHingeLoss
@@ -73,10 +73,12 @@ class CarvanaClassifier:
         lovasz: float = 0.0,
         coarse_size: tuple[int, int] | None = None,
         coarse_share: float = 0.0,
+        validate_from: float = 0.0,
     ) -> None:
         check_fraction("--ema", ema, "a decay (e.g. 0.998)")
         check_fraction("--lovasz", lovasz, "a fraction of training")
         check_fraction("--coarse-share", coarse_share, "a fraction of training")
+        check_validate_from(validate_from, scheduler)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
@@ -116,6 +118,8 @@ class CarvanaClassifier:
         self.lovasz, self.lovasz_loss = lovasz, LovaszHingeLoss()  # the last `lovasz` of training steps on it
         # Progressive resizing: the first `coarse_share` of training steps on batches scaled to coarse_size.
         self.coarse_size, self.coarse_share = coarse_size, coarse_share
+        # Epochs before this share of training only train (epoch.validates says which validate).
+        self.validate_from = validate_from
         # --ema: validation, best.pt and prediction use this average of the weights (training/averaging.py).
         self.average = WeightAverage(self.model, ema) if ema > 0 else None
         self.monitor = self.task.monitor
@@ -246,13 +250,15 @@ class CarvanaClassifier:
                 metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "loss_fn": loss_fn,
                                            "train_images": train_images, "train_seconds": time.perf_counter() - start}
                 preview = None
-                if valid_loader is not None:
+                skipped = valid_loader is not None and not epoch_steps.validates(self, epoch)
+                if valid_loader is not None and not skipped:
                     with self.averaged_weights():
                         valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
                 step_scheduler(self.scheduler, self._monitored(metrics), new_kind=self._loss_changed(metrics))
                 self.epoch = epoch
-                metrics["is_best"] = float(self._record_best(metrics))
+                # An epoch --validate-from left unvalidated has no figure to compete with: not best.
+                metrics["is_best"] = 0.0 if skipped else float(self._record_best(metrics))
                 metrics["seconds"] = time.perf_counter() - start
                 self.history.append(metrics)
                 cbs.on_epoch_end(self, epoch, metrics, preview)

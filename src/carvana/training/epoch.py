@@ -37,6 +37,15 @@ def check_fraction(flag: str, value: float, what: str) -> None:
         raise TrainingSettingError(f"{flag} {value:g}: expected {what} in [0, 1); 0 = off")
 
 
+def check_validate_from(value: float, scheduler: str) -> None:
+    """TrainingSettingError unless --validate-from is a fraction of training, and 0 with a plateau
+    schedule, which needs every epoch's validation figure."""
+    check_fraction("--validate-from", value, "a fraction of training")
+    if value > 0 and scheduler.lower() == "plateau":
+        raise TrainingSettingError(f"--validate-from {value:g} cannot be used with --scheduler plateau, which "
+                                   "follows the validation figure of every epoch")
+
+
 def uses_lovasz(trainer: Any, epoch: int) -> bool:
     """Whether a step of ``epoch`` fine-tunes with the Lovász hinge (``trainer.lovasz`` = F > 0).
 
@@ -63,6 +72,19 @@ def uses_coarse(trainer: Any, epoch: int) -> bool:
     if trainer.time_budget > 0:
         return trainer._budget_used < trainer.coarse_share * trainer.time_budget
     return epoch < math.floor(trainer.coarse_share * trainer.epochs + 1e-9)
+
+
+def validates(trainer: Any, epoch: int) -> bool:
+    """Whether ``epoch`` is validated (``trainer.validate_from`` = F, --validate-from): every epoch
+    when F is 0; else those from floor(F * epochs) of the run's ``trainer.epochs`` on (so always
+    the last), and under --time-budget also those that end once F of the budget's clock is used
+    and the one that spends it: best.pt is always chosen among validated epochs."""
+    if trainer.validate_from <= 0:
+        return True
+    if trainer.time_budget > 0 and (trainer._budget_spent or trainer._budget_used >= trainer.validate_from
+                                    * trainer.time_budget):
+        return True
+    return epoch >= min(trainer.epochs - 1, math.floor(trainer.validate_from * trainer.epochs + 1e-9))
 
 
 def scaled_batch(images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
