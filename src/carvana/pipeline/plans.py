@@ -88,16 +88,12 @@ def check_plan(task: str, plan: str, hp: SimpleNamespace, given: dict[str, str])
 
 def check_fractions(hp: SimpleNamespace) -> None:
     """--ema, --lovasz, --coarse-share and --validate-from in [0, 1) (the last not with a plateau
-    schedule), refused before any work (the classifier checks them the same way, with the same
-    functions); --tune's check calls this too."""
-    from carvana.training.epoch import (TrainingSettingError, check_fraction,  # torch: only once settings parse
-                                        check_validate_from)
+    schedule), refused before any work (the classifier calls the same function); --tune's check
+    calls this too."""
+    from carvana.training.epoch import TrainingSettingError, check_training_shares  # torch: only once settings parse
 
     try:
-        check_fraction("--ema", hp.ema, "a decay (e.g. 0.998)")
-        check_fraction("--lovasz", hp.lovasz, "a fraction of training")
-        check_fraction("--coarse-share", hp.coarse_share, "a fraction of training")
-        check_validate_from(hp.validate_from, hp.scheduler)
+        check_training_shares(hp.ema, hp.lovasz, hp.coarse_share, hp.validate_from, hp.scheduler)
     except TrainingSettingError as exc:
         raise PlanError(str(exc)) from None
 

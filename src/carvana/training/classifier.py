@@ -24,7 +24,7 @@ from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, en
 from carvana.data.image_tensors import mirror_pad, normalize_images
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training import epoch as epoch_steps
-from carvana.training.epoch import TrainingSettingError, check_fraction, check_validate_from
+from carvana.training.epoch import TrainingSettingError, check_training_shares
 from carvana.training import evaluation
 from carvana.training.averaging import WeightAverage, checkpoint_entries, restore
 from carvana.training.losses import BCEDiceLoss, LovaszHingeLoss
@@ -75,10 +75,7 @@ class CarvanaClassifier:
         coarse_share: float = 0.0,
         validate_from: float = 0.0,
     ) -> None:
-        check_fraction("--ema", ema, "a decay (e.g. 0.998)")
-        check_fraction("--lovasz", lovasz, "a fraction of training")
-        check_fraction("--coarse-share", coarse_share, "a fraction of training")
-        check_validate_from(validate_from, scheduler)
+        check_training_shares(ema, lovasz, coarse_share, validate_from, scheduler)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).

@@ -37,13 +37,18 @@ def check_fraction(flag: str, value: float, what: str) -> None:
         raise TrainingSettingError(f"{flag} {value:g}: expected {what} in [0, 1); 0 = off")
 
 
-def check_validate_from(value: float, scheduler: str) -> None:
-    """TrainingSettingError unless --validate-from is a fraction of training, and 0 with a plateau
-    schedule, which needs every epoch's validation figure."""
-    check_fraction("--validate-from", value, "a fraction of training")
-    if value > 0 and scheduler.lower() == "plateau":
-        raise TrainingSettingError(f"--validate-from {value:g} cannot be used with --scheduler plateau, which "
-                                   "follows the validation figure of every epoch")
+def check_training_shares(ema: float, lovasz: float, coarse_share: float, validate_from: float,
+                          scheduler: str) -> None:
+    """TrainingSettingError naming the flag unless --ema, --lovasz, --coarse-share and
+    --validate-from are in [0, 1), and --validate-from is 0 with a plateau schedule, which needs
+    every epoch's validation figure. The plan check and the classifier both call this."""
+    check_fraction("--ema", ema, "a decay (e.g. 0.998)")
+    check_fraction("--lovasz", lovasz, "a fraction of training")
+    check_fraction("--coarse-share", coarse_share, "a fraction of training")
+    check_fraction("--validate-from", validate_from, "a fraction of training")
+    if validate_from > 0 and scheduler.lower() == "plateau":
+        raise TrainingSettingError(f"--validate-from {validate_from:g} cannot be used with --scheduler plateau, "
+                                   "which follows the validation figure of every epoch")
 
 
 def uses_lovasz(trainer: Any, epoch: int) -> bool:
