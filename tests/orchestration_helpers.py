@@ -1,25 +1,21 @@
-"""Shared by the orchestration tests: running `python main.py` as a subprocess, checking that it
-succeeded or was refused in one line, and the tiny demo dataset the runs use (4 train cars,
-1 test car; runs at 64x64, width 0.125 take seconds).
+"""Shared by the orchestration tests: running `python main.py` (in the test's process, see
+main_helpers.py), checking that it succeeded or was refused in one line, and the tiny demo
+dataset the runs use (4 train cars, 1 test car; runs at 64x64, width 0.125 take seconds).
 
 ``data`` is module-scoped: built once in each test module that imports ``fixture_data`` (by its
 function name, so that a test's argument does not shadow the import)."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from carvana.data.demo.dataset import write_demo_dataset
 
-MAIN = Path(__file__).resolve().parents[1] / "main.py"
+from main_helpers import run_main  # noqa: F401 (the orchestration tests import it from here)
+
 TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0",
         "--predict-batch-size", "4", "--epochs", "1", "--no-tta"]
-
-
-def run_main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ architecture on both plans (docs/runs.md records such a run).
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from carvana.models.registry import ModelConfig, build_model
 from carvana.training.checkpoint import save_checkpoint
 from conftest import CARVANA_SAMPLE
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 SMALL = ["--sample-size", "0.16", "--test-sample-size", "0.25", "--epochs", "1", "--workers", "0", "--batch-size", "4",
@@ -30,7 +30,7 @@ ARCHS = {
 
 
 def main_py(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    result = main_helpers.run_main(cwd, *args)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from carvana.training import engines, quantize
 from carvana.training.engines import EngineError
 from carvana.training.quantize import (GATE_IMAGES, Int8Error, Int8Plan, Int8Spec, MemberImages, check_int8,
                                        member_images, plan_int8)
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 SETTINGS = SimpleNamespace(engine="auto", int8_max_drop=0.0005, tta=True, predict_batch_size=2, workers=0,
@@ -136,10 +136,9 @@ def test_the_int8_identity_names_the_scope_and_the_calibration_images(tmp_path):
     assert engines.EngineSlot("openvino", "auto", torch.nn.Identity(), None, "d", True, 2).identity == "openvino:auto"
 
 
-def run_main(cwd: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(MAIN), "--input-size", "64x64", "--width", "0.125", "--sample-size", "0.5",
-            "--epochs", "1", "--workers", "0", "--run-name", "q", *extra]
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_main(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    return main_helpers.run_main(cwd, "--input-size", "64x64", "--width", "0.125", "--sample-size", "0.5",
+                                 "--epochs", "1", "--workers", "0", "--run-name", "q", *extra)
 
 
 def test_main_gates_int8_on_the_validation_cars_before_predicting(tmp_path):

@@ -3,7 +3,6 @@
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from carvana.training.checkpoint import load_model
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0", "--validation-size", "0.25",
@@ -19,7 +19,7 @@ TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--wor
 
 
 def run_main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return main_helpers.run_main(cwd, *args)  # in this process: see main_helpers.py
 
 
 def make_folder(root: Path, n: int = 12) -> Path:

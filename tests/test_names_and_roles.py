@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +22,7 @@ from carvana.pipeline.roles import (INVOCATION, ROLES, RUN_DEFINING, THIS_INVOCA
                                     check_roles, identity, read_back, recorded)
 from carvana.pipeline.session import settings_record
 from carvana.pipeline.settings import Command, settings_from
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 PASSWORD = "s3cr3t-Pw"
@@ -144,8 +143,7 @@ def test_escaping_names_are_one_line_and_touch_nothing(tmp_path, args):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(name.encode())
     before = tree(tmp_path)
-    result = subprocess.run([sys.executable, str(MAIN), "--epochs", "1", *args], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    result = main_helpers.run_main(tmp_path, "--epochs", "1", *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: --"), result.stderr
     assert "expected one plain folder name" in lines[0]

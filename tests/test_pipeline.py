@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from carvana.training.checkpoint import load_checkpoint
 from carvana.training.precision import choose_precision
 from carvana.data.demo.dataset import write_demo_dataset
 from carvana.submission.validate import expected_names, read_submission, validate_submission
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--workers", "0",
@@ -23,7 +23,7 @@ TINY = ["--input-size", "64x64", "--width", "0.125", "--batch-size", "4", "--wor
 
 
 def run_main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return main_helpers.run_main(cwd, *args)  # in this process: see main_helpers.py
 
 
 @pytest.fixture(scope="module")

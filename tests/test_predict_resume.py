@@ -23,6 +23,8 @@ from carvana.data.demo.dataset import write_demo_dataset
 from carvana.models.registry import ModelConfig, build_model
 from carvana.training.checkpoint import save_checkpoint
 
+import main_helpers
+
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--input-size", "64x64", "--width", "0.125", "--workers", "0", "--predict-batch-size", "2",
         "--chunk-size", "3", "--postprocess-workers", "1"]
@@ -45,7 +47,7 @@ runpy.run_path({main!r}, run_name="__main__")
 
 
 def run_main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return main_helpers.run_main(cwd, *args)  # in this process: see main_helpers.py
 
 
 def first_member_lines(path: Path) -> list[str]:

@@ -33,6 +33,7 @@ from carvana.pipeline.fit import TaskData
 from carvana.pipeline.plans import PlanError
 from carvana.pipeline.pseudo import unlabeled_images
 from carvana.submission.pseudo_labels import LabelWriter
+import main_helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -156,9 +157,7 @@ def teacher(tmp_path_factory):
 
 
 def run(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return main_helpers.run_main(cwd, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def digests(folder: Path) -> dict[str, str]:

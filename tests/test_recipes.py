@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline.settings import flag_of, parse_command, settings_from
 from carvana.submission.validate import expected_names, validate_submission
+import main_helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -164,7 +164,7 @@ def test_recipe_runs_end_to_end(name, datasets, tmp_path):
     cwd.mkdir()
     command = [sys.executable, str(MAIN), "--config", str(CONFIGS / name), *COMMON, *tiny,
                "--data-dir", str(datasets[kind])]
-    result = subprocess.run(command, cwd=cwd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
+    result = main_helpers.run_main(cwd, *command[2:], env=clean_env(tmp_path))
     said = f"$ {' '.join(command[1:])}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.returncode == 0, said
     assert "Traceback" not in result.stderr, said

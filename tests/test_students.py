@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +34,7 @@ from carvana.pipeline.pseudo import round_session, unlabeled_images
 from carvana.pipeline.session import Session
 from carvana.pipeline.settings import parse_command
 from carvana.submission.pseudo_labels import label_images
+import main_helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -211,9 +211,7 @@ def test_under_torchrun_every_rank_labels_rank_0s_list(tmp_path, monkeypatch):
 # --- end to end: train a student, then predict with it ---------------------------------
 
 def run(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return main_helpers.run_main(cwd, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def snapshot(cwd: Path) -> dict[str, tuple[int, int]]:

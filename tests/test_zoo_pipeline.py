@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from carvana.data.demo.dataset import write_demo_dataset
 from carvana.models.registry import output_size
 from carvana.training.checkpoint import load_checkpoint, model_config_of
+import main_helpers
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 TINY = ["--batch-size", "4", "--workers", "0", "--validation-size", "0.5", "--predict-batch-size", "4",
@@ -27,8 +27,9 @@ NETS = {
 
 
 def run_main(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    if env:  # variables that libraries read when imported: a process of its own
+        return main_helpers.run_main_process(cwd, *args, env={**os.environ, **env})
+    return main_helpers.run_main(cwd, *args)
 
 
 @pytest.fixture(scope="module")
