@@ -29,6 +29,8 @@ from carvana.tuning import TrialReporter, make_pruner, open_storage, read_space,
 from carvana.tuning.space import DEFAULT_SPACES, SpaceError
 from carvana.tuning.storage import StorageError
 
+import main_helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
 SPACE = 'lr = {low = 1e-3, high = 1e-2, log = true}\nbatch_size = [2, 4]\nbce_weight = {low = 0.5, high = 1.5}\n'
@@ -53,7 +55,11 @@ def tune_args(demo: Path, study: str, n: int, *extra: str) -> list[str]:
 
 
 def run_main(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``args`` run to the end: ``python main.py ...`` in this process (main_helpers.py), anything
+    else (a launcher) as a process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if args[:2] == [sys.executable, str(MAIN)]:
+        return main_helpers.run_main(cwd, *args[2:], env=env)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
