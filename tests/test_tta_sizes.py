@@ -99,13 +99,11 @@ def test_parse_tta_sizes():
     (["--tta-sizes", "big"], "--tta-sizes big: input size 'big': expected 'HxW'"),
     (["--tta-sizes", "0x64"], "--tta-sizes 0x64: 0x64 is not a size"),
     (["--tta-sizes", "128x192", "--int8"], "--tta-sizes 128x192: not with this run: --int8"),
-    (["--tta-sizes", "128x192", "--teacher", "{teacher}"], "--tta-sizes 128x192: not with this run: pseudo-labels"),
     (["--tta-sizes", "128x128", "--dataset", "oxford-pet", "--classes", "3"],
      "--tta-sizes 128x128: not with this run: multi-class"),
 ])
 def test_tta_sizes_that_cannot_run_are_refused_in_one_line(args, phrase, tmp_path):
-    teacher = str(make_checkpoint(tmp_path / "t.pt", (64, 128), 1))
-    command = parse_command(defaults(), [teacher if a == "{teacher}" else a for a in args])
+    command = parse_command(defaults(), args)
     with pytest.raises(PlanError) as refusal:
         decide(command.hp, command.given)
     assert phrase in str(refusal.value) and "\n" not in str(refusal.value)
@@ -126,3 +124,21 @@ def test_main_scores_folds_and_predicts_at_every_size_and_records_them(tmp_path)
     again = run_main(tmp_path, "--data-dir", str(data), "--folds", "2", "--run-name", "ms", "--no-train",
                      "--threshold", "auto", *TINY)
     assert again.returncode == 0 and "already complete" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+
+
+def test_a_student_predicts_at_every_size_from_labels_its_teacher_made_at_its_own_size(tmp_path):
+    data = write_demo_dataset(tmp_path / "tiny", seed=7, n_train_cars=4, n_test_cars=1)
+    common = ["--data-dir", str(data), "--epochs", "1", *TINY]
+    teacher = run_main(tmp_path, *common, "--run-name", "t", "--no-predict")
+    assert teacher.returncode == 0, teacher.stdout[-3000:] + teacher.stderr[-3000:]
+    student = run_main(tmp_path, *common, "--run-name", "s", "--teacher", "output/models/t", "--tta-sizes", "128x128",
+                       "--output", "output/s.csv.gz")
+    assert student.returncode == 0, student.stdout[-3000:] + student.stderr[-3000:]
+    assert "prediction: ensemble of 2:" in student.stdout and "averaged at 128x128" in student.stdout
+    assert validate_submission(tmp_path / "output/s.csv.gz", expected_names(data / "sample_submission.csv")).ok
+    stores = sorted((tmp_path / "output/pseudo").iterdir())
+    assert len(stores) == 1 and (stores[0] / "labels.csv").exists()
+    # The same teacher without --tta-sizes: the same store, every label reused, none made again.
+    plain = run_main(tmp_path, *common, "--run-name", "p", "--teacher", "output/models/t", "--no-predict")
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert "pseudo-labels: 0 labeled now" in plain.stdout and sorted((tmp_path / "output/pseudo").iterdir()) == stores

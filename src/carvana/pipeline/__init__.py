@@ -49,12 +49,13 @@ def decide(hp: SimpleNamespace, given: dict[str, str]) -> tuple[str, str]:
 
 
 def check_tta_sizes(hp: SimpleNamespace, task: str) -> None:
-    """--tta-sizes: sizes that parse, and none of the paths that cannot honour them (one line)."""
+    """--tta-sizes: sizes that parse, and none of the paths that cannot honour them (one line).
+    With --teacher / --refit-pseudo the sizes are the run's own predictions' (OOF and test); the
+    teacher labels at its own size, so its label store is the one a run without them uses."""
     if not parse_tta_sizes(hp.tta_sizes):
         return
     for refused, why in ((task == MULTICLASS, "multi-class prediction runs one size"),
-                         (hp.int8, "--int8 calibrates and gates its graph at the model's own size"),
-                         (bool(hp.teacher) or hp.refit_pseudo, "pseudo-labels are made at the model's own size")):
+                         (hp.int8, "--int8 calibrates and gates its graph at the model's own size")):
         if refused:
             raise PlanError(f"--tta-sizes {hp.tta_sizes}: not with this run: {why}")
 
