@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch.utils.data import DataLoader
 
 from carvana.training import distributed as dist
-from carvana.data.datasets import TestImageDataset
+from carvana.training.evaluation import prediction_dataset
 from carvana.submission.fingerprint import (check_finished, file_sha256, fingerprint_of, marker_path,
                                             prediction_components, weights_digest)
 from carvana.submission.gzip_stream import (COMPRESS_LEVEL, GZIP_HEADER, SubmissionWriteError, exclusive_lock,
@@ -188,11 +188,8 @@ def predict_to_submission(
             return
         if len(todo) < len(saver.names) and main:
             print(f"prediction: resuming, {len(saver.names) - len(todo)} rows already written")
-        # An ensemble brings its own dataset (each image at every member's input size).
-        dataset = (classifier.test_dataset(todo, fast_decode=fast_decode) if hasattr(classifier, "test_dataset")
-                   else TestImageDataset(todo, input_hw, fast_decode=fast_decode))
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers if todo else 0,
-                            pin_memory=classifier.device.type == "cuda")
+        loader = DataLoader(prediction_dataset(classifier, todo, input_hw, fast_decode), batch_size=batch_size,
+                            num_workers=loader_workers if todo else 0, pin_memory=classifier.device.type == "cuda")
         classifier.predict(loader, [saver], tta=tta)
 
     if world == 1:

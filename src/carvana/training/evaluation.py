@@ -7,18 +7,28 @@ copy checks the weights once per call rather than once per batch.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from carvana.data.datasets import tensor_to_image
+from carvana.data.datasets import TestImageDataset, tensor_to_image
 from carvana.data.postprocess import crop_native
 from carvana.training import distributed as dist
 from carvana.training.callbacks import Callback, CallbackList, Preview
 from carvana.training.losses import competition_dice
 from carvana.training.streams import ordered_map
+
+
+def prediction_dataset(predictor: Any, images: Sequence[Path], input_hw: tuple[int, int],
+                       fast_decode: bool = True) -> torch.utils.data.Dataset:
+    """``images`` as ``predictor`` reads them for prediction or OOF scoring: an ensemble predictor
+    (several members or --tta-sizes) brings its own dataset, each image at every member's size;
+    one model reads them at ``input_hw``."""
+    own = getattr(predictor, "test_dataset", None)
+    return own(list(images), fast_decode) if own else TestImageDataset(list(images), input_hw, fast_decode=fast_decode)
 
 
 @torch.no_grad()

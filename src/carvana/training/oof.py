@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from carvana.data.datasets import TestImageDataset, true_mask
+from carvana.data.datasets import true_mask
 from carvana.data.files import write_json_atomic, write_text_atomic
 from carvana.data.postprocess import upsample_probs
 from carvana.training.callbacks import Callback
+from carvana.training.evaluation import prediction_dataset
 from carvana.training.losses import dice_per_image
 
 # --threshold auto picks the best of these on the OOF predictions.
@@ -60,9 +61,8 @@ def score_fold(classifier: Any, images: Sequence[Path], masks: Sequence[Path], i
     ``fast_decode``) and return one row per image: image, then its Dice at each threshold.
     ``classifier`` may be an ensemble predictor (--tta-sizes): its own loader gives each size."""
     scorer = OOFScorer({Path(i).name: (Path(i), Path(m)) for i, m in zip(images, masks)}, thresholds, mask_rles)
-    dataset = (classifier.test_dataset(list(images), fast_decode) if hasattr(classifier, "test_dataset")
-               else TestImageDataset(list(images), input_hw, fast_decode=fast_decode))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(prediction_dataset(classifier, images, input_hw, fast_decode), batch_size=batch_size,
+                        num_workers=workers)
     classifier.predict(loader, [scorer], tta=tta)
     return pd.DataFrame(scorer.rows)
 
