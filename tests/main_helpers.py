@@ -29,6 +29,7 @@ import traceback
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 
@@ -43,6 +44,13 @@ def _main_module() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def main_defaults() -> dict[str, Any]:
+    """main.py's settings, as its parser gets them (a new dict each call)."""
+    from carvana.pipeline.settings import settings_from
+
+    return settings_from(vars(_main_module()))
 
 
 def _exit_code(exc: SystemExit, stderr: io.StringIO) -> int:
@@ -78,7 +86,6 @@ def _environment(env: dict[str, str] | None):
 def run_main(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python main.py *args`` in ``cwd``, run in this process; the result as subprocess.run's."""
     from carvana.pipeline import main
-    from carvana.pipeline.settings import settings_from
 
     module = _main_module()
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -96,7 +103,7 @@ def run_main(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subpro
         sys.argv = [str(MAIN), *args]
         os.chdir(cwd)
         try:
-            code = main(settings_from(vars(module)), MAIN.read_text(), module.__doc__, list(args))
+            code = main(main_defaults(), MAIN.read_text(), module.__doc__, list(args))
         except SystemExit as exc:
             code = _exit_code(exc, stderr)
         except Exception:  # noqa: BLE001 -- what the interpreter does with an uncaught exception

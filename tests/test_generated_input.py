@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from carvana.data.demo.dataset import write_demo_dataset
 from carvana.pipeline import main as pipeline_main
 from carvana.pipeline.settings import RecipeError, read_recipe
-from test_names_and_roles import main_defaults
+from main_helpers import main_defaults
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 EXAMPLES = int(os.environ.get("CARVANA_PROPERTY_EXAMPLES", "6"))

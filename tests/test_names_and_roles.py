@@ -21,17 +21,12 @@ from carvana.pipeline import runs
 from carvana.pipeline.roles import (INVOCATION, ROLES, RUN_DEFINING, THIS_INVOCATION, TUNABLE, UnknownSettingError,
                                     check_roles, identity, read_back, recorded)
 from carvana.pipeline.session import settings_record
-from carvana.pipeline.settings import Command, settings_from
+from carvana.pipeline.settings import Command
 import main_helpers
+from main_helpers import main_defaults
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 PASSWORD = "s3cr3t-Pw"
-
-
-def main_defaults() -> dict:
-    namespace: dict = {}
-    exec(compile(MAIN.read_text().split("import sys")[0], str(MAIN), "exec"), namespace)
-    return settings_from(namespace)
 
 
 # --- the table of roles ------------------------------------------------------------------

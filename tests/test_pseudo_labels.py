@@ -224,7 +224,7 @@ def test_labeling_killed_with_minus_9_resumes_to_identical_files(teacher, tmp_pa
 def test_settings_a_run_cannot_honour_are_refused(args, phrase):
     from carvana.pipeline import decide
     from carvana.pipeline.settings import parse_command
-    from test_tune import main_defaults
+    from main_helpers import main_defaults
 
     command = parse_command(main_defaults(), args)
     with pytest.raises(PlanError, match=phrase.replace("-", r"\-")):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 import tomllib
 from pathlib import Path
@@ -25,9 +24,10 @@ import pytest
 from PIL import Image
 
 from carvana.data.demo.dataset import write_demo_dataset
-from carvana.pipeline.settings import flag_of, parse_command, settings_from
+from carvana.pipeline.settings import flag_of, parse_command
 from carvana.submission.validate import expected_names, validate_submission
 import main_helpers
+from main_helpers import main_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
@@ -60,10 +60,6 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "carla.toml": ("carla", SMP),
 }
 XFAIL: dict[str, str] = {}  # recipe file -> why it fails (a program bug, see the report)
-
-
-def main_defaults() -> dict:
-    return settings_from(runpy.run_path(str(MAIN), run_name="not_main"))
 
 
 def recipe_files() -> list[Path]:

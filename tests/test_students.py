@@ -42,7 +42,7 @@ TINY = ["--input-size", "64x128", "--width", "0.125", "--workers", "0", "--batch
 
 
 def defaults(**changed) -> dict:
-    from test_tune import main_defaults
+    from main_helpers import main_defaults
 
     return {**main_defaults(), **changed}
 
@@ -280,7 +280,7 @@ def test_a_teacher_read_back_from_the_record_is_not_used_to_predict(student, mon
     # (the old rule), and the prediction still labels, starts afresh and removes nothing.
     import carvana.pipeline.runs as runs
     from carvana.pipeline import main
-    from test_tune import main_defaults
+    from main_helpers import main_defaults
 
     cwd, _, _ = student
     if hasattr(runs, "read_back"):

@@ -22,7 +22,6 @@ import pytest
 from optuna.trial import TrialState
 
 from carvana.data.demo.dataset import write_demo_dataset
-from carvana.pipeline.settings import settings_from
 from carvana.data.secrets import redact
 from carvana.pipeline.roles import TUNABLE
 from carvana.tuning import TrialReporter, make_pruner, open_storage, read_space, study_space
@@ -30,17 +29,11 @@ from carvana.tuning.space import DEFAULT_SPACES, SpaceError
 from carvana.tuning.storage import StorageError
 
 import main_helpers
+from main_helpers import main_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "main.py"
 SPACE = 'lr = {low = 1e-3, high = 1e-2, log = true}\nbatch_size = [2, 4]\nbce_weight = {low = 0.5, high = 1.5}\n'
-
-
-def main_defaults() -> dict:
-    namespace: dict = {}
-    source = MAIN.read_text().split("import sys")[0]  # the settings block only
-    exec(compile(source, str(MAIN), "exec"), namespace)  # main.py's own defaults, as the parser gets them
-    return settings_from(namespace)
 
 
 @pytest.fixture(scope="module")
