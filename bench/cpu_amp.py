@@ -53,10 +53,10 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
-from carvana.models.unet1024 import UNet1024, parse_input_size
-from carvana.training.callbacks import Callback
-from carvana.training.classifier import CarvanaClassifier
-from carvana.training.precision import cpu_bf16_flags
+from carvana.models.unet1024 import UNet1024, parse_input_size  # noqa: E402
+from carvana.training.callbacks import Callback  # noqa: E402
+from carvana.training.classifier import CarvanaClassifier  # noqa: E402
+from carvana.training.precision import cpu_bf16_flags  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "bf16-cl", "fp32-cl", "bf16-cl-ac")
 

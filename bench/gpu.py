@@ -46,10 +46,10 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
-from carvana.training.callbacks import Callback
-from carvana.training.classifier import CarvanaClassifier
-from carvana.models.unet1024 import UNet1024, parse_input_size
-from carvana.submission.predictions import PredictionsSaverCallback
+from carvana.training.callbacks import Callback  # noqa: E402
+from carvana.training.classifier import CarvanaClassifier  # noqa: E402
+from carvana.models.unet1024 import UNet1024, parse_input_size  # noqa: E402
+from carvana.submission.predictions import PredictionsSaverCallback  # noqa: E402
 
 TEST_IMAGES = 100_064  # Kaggle's Carvana test set
 
@@ -123,7 +123,7 @@ def predict_rate(clf: CarvanaClassifier, n_images: int, batch: int, args: argpar
         return n_images / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="width 0.125, 128x128, 4 steps: a quick code-path check")
@@ -142,30 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         args.width, args.input_size, args.train_batch, args.infer_batches = 0.125, "128x128", 2, "2,4"
         args.steps, args.repeat, args.predict_images = 2, 2, 16
     args.input_hw = parse_input_size(args.input_size)
-    infer_batches = [int(b) for b in args.infer_batches.split(",")]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device found (torch.cuda.is_available() is False); this benchmark measures "
-              "GPU throughput. Run it on a machine with an NVIDIA GPU, or use --device cpu --tiny to check its "
-              "code path.", file=sys.stderr)
-        return 2
-    if device.type == "cpu" and not args.tiny:
+    if args.device.startswith("cpu") and not args.tiny:
         parser.error("--device cpu is only a code-path check: add --tiny")
-    if device.type == "cuda":
-        if args.no_tf32:
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = "CPU"
-    h, w = args.input_hw
-    print(f"{name}, torch {torch.__version__}; UNet1024 width {args.width} at {h}x{w}; "
-          f"TF32 convolutions {'on' if device.type == 'cuda' and torch.backends.cudnn.allow_tf32 else 'off'}, "
-          f"cudnn.benchmark {args.cudnn_benchmark}")
+    return args
 
-    # --- training: fp32 vs bf16 autocast + channels_last, interleaved blocks
-    pin = device.type == "cuda"
-    batches = train_batches(args.steps, args.train_batch, args.input_hw, pin)
+
+def bench_training(args: argparse.Namespace, device: torch.device) -> tuple[CarvanaClassifier, float]:
+    """fp32 against bf16 autocast + channels_last, interleaved blocks: (the amp classifier, speedup)."""
+    batches = train_batches(args.steps, args.train_batch, args.input_hw, device.type == "cuda")
     variants = {"fp32": make_classifier(args, amp=False), "amp": make_classifier(args, amp=True)}
     print(f"amp classifier: autocast {variants['amp'].amp_dtype}, channels_last {variants['amp'].channels_last}")
     for clf in variants.values():  # warm-up: cuDNN plans, allocator
@@ -182,18 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train amp/fp32: median {speedup:.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 2x)")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    del variants["fp32"]
-    clf = variants["amp"]
+    clf = variants.pop("amp")
+    del variants
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return clf, speedup
 
-    # --- inference: forward + sigmoid, the pipeline's predict loop with only a sync per batch
+
+def bench_prediction(clf: CarvanaClassifier, args: argparse.Namespace) -> float:
+    """Forward-only rates per batch, then the projection with the real saver: minutes for the test set."""
+    infer_batches = [int(b) for b in args.infer_batches.split(",")]
     for b in infer_batches:
         predict_rate(clf, 2 * b, b, args, saver=False)  # warm-up at this shape
         r = [predict_rate(clf, max(4 * b, args.predict_images // 2), b, args, saver=False) for _ in range(args.repeat)]
         print(f"inference batch {b:>3}: {statistics.median(r):8.2f} img/s (forward only, median of {args.repeat})")
-
-    # --- projection: the real saver (GPU upsample, RLE threads, gzip), interleaved with forward only
+    # The projection: the real saver (GPU upsample, RLE threads, gzip), interleaved with forward only.
     b = max(infer_batches)
     projections = {}
     for tta in (False, True):
@@ -208,7 +195,31 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(fwd):.2f} forward only (ratio {statistics.median(p / f for p, f in zip(pipe, fwd)):.2f}); "
               f"{TEST_IMAGES:,} test images in {projections[tta]:.1f} min (target <= 15), if the loader supplies "
               f"{rate:.0f} img/s")
-    print(f"AMP training speedup: {speedup:.2f}x; projected test prediction: {projections[False]:.1f} min")
+    return projections[False]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device found (torch.cuda.is_available() is False); this benchmark measures "
+              "GPU throughput. Run it on a machine with an NVIDIA GPU, or use --device cpu --tiny to check its "
+              "code path.", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        if args.no_tf32:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = "CPU"
+    h, w = args.input_hw
+    print(f"{name}, torch {torch.__version__}; UNet1024 width {args.width} at {h}x{w}; "
+          f"TF32 convolutions {'on' if device.type == 'cuda' and torch.backends.cudnn.allow_tf32 else 'off'}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
+    clf, speedup = bench_training(args, device)
+    minutes = bench_prediction(clf, args)
+    print(f"AMP training speedup: {speedup:.2f}x; projected test prediction: {minutes:.1f} min")
     return 0
 
 

@@ -52,8 +52,8 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
     import carvana.data.datasets  # noqa: F401
-import carvana.data.resizing
-from carvana.data.mask_table import MASK_TABLE, mask_table_for
+import carvana.data.resizing  # noqa: E402
+from carvana.data.mask_table import MASK_TABLE, mask_table_for  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 STEPS = ("decode", "mask", "resize", "augment", "to_tensor", "other")

@@ -47,13 +47,13 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(REPO / "src"))
 
-from carvana.submission import sharded
-from carvana.training.callbacks import Callback
-from carvana.training.classifier import CarvanaClassifier
-from carvana.data.datasets import TestImageDataset
-from carvana.training.checkpoint import load_checkpoint
-from carvana.models.unet1024 import UNet1024, parse_input_size
-from carvana.submission.predictions import _encode_row
+from carvana.submission import sharded  # noqa: E402
+from carvana.training.callbacks import Callback  # noqa: E402
+from carvana.training.classifier import CarvanaClassifier  # noqa: E402
+from carvana.data.datasets import TestImageDataset  # noqa: E402
+from carvana.training.checkpoint import load_checkpoint  # noqa: E402
+from carvana.models.unet1024 import UNet1024, parse_input_size  # noqa: E402
+from carvana.submission.predictions import _encode_row  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "carvana-sample"
 

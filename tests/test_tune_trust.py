@@ -16,9 +16,10 @@ from optuna.trial import TrialState
 from carvana.pipeline import main as pipeline_main
 from main_helpers import main_defaults
 import carvana.pipeline.tune  # noqa: F401
-tune_module = sys.modules["carvana.pipeline.tune"]
 from carvana.tuning.sampler import TrialSeededTPE
 from test_tune import SPACE, demo, load, run_main, tune_args  # noqa: F401  (demo: a fixture)
+
+tune_module = sys.modules["carvana.pipeline.tune"]
 
 MAIN = Path(__file__).resolve().parents[1] / "main.py"
 

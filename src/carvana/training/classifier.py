@@ -76,6 +76,48 @@ class CarvanaClassifier:
         validate_from: float = 0.0,
     ) -> None:
         check_training_shares(ema, lovasz, coarse_share, validate_from, scheduler)
+        self._place_model(model, device, amp, channels_last, compile, sync_batchnorm, eval_streams)
+        # The task (training/tasks.py) decides targets, loss, activation and validation metrics:
+        # binary car masks unless a multi-class task is given. A given loss_fn (e.g. the
+        # boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight for the binary task.
+        self.task = task if task is not None else BinaryTask(loss_fn if loss_fn is not None
+                                                              else BCEDiceLoss(bce_weight, dice_weight))
+        self.loss_fn = self.task.loss_fn
+        self.monitor = self.task.monitor
+        if lovasz > 0 and not isinstance(self.task, BinaryTask):
+            raise TrainingSettingError(f"--lovasz {lovasz:g}: the Lovasz hinge loss is for the binary task only")
+        self.lovasz, self.lovasz_loss = lovasz, LovaszHingeLoss()  # the last `lovasz` of training steps on it
+        # Progressive resizing: the first `coarse_share` of training steps on batches scaled to coarse_size.
+        self.coarse_size, self.coarse_share = coarse_size, coarse_share
+        # Epochs before this share of training only train (epoch.validates says which validate).
+        self.validate_from = validate_from
+        # --ema: validation, best.pt and prediction use this average of the weights (training/averaging.py).
+        self.average = WeightAverage(self.model, ema) if ema > 0 else None
+        self._set_schedule(epochs, lr, optimizer, weight_decay, scheduler, time_budget)
+        # How to rebuild `model`: stored in every checkpoint (see carvana.models.registry).
+        self.model_config = model_config
+        # The data path takes normalisation and the mirror margin from the model, not constants.
+        config = model_config or ModelConfig()
+        self.mean, self.std = config.mean, config.std
+        self.input_margin = arch_spec(config.arch).output_margin  # unet-original: 92, others 0
+        self.encoder = encoder_of(self.model, config) if model_config is not None else None
+        if freeze_encoder_epochs > 0 and self.encoder is None:
+            raise ModelConfigError(f"--freeze-encoder-epochs needs a network with a pretrained encoder (--arch unet, "
+                             f"linknet, ...), not {config.arch}")
+        self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.threshold = threshold
+        self.grad_clip = grad_clip
+        self.preview_count = preview_count
+        self.progress = progress and dist.is_main_process()
+        self.epoch = -1  # last completed epoch
+        self.resumed_from_epochs: int | None = None  # set by load_state_dict when --epochs changed
+        self.best_metric = -math.inf
+        self.best_loss_fn: str | None = None  # without validation: the loss best_metric was measured on
+        self.history: list[dict[str, Any]] = []
+
+    def _place_model(self, model: nn.Module, device: str, amp: bool, channels_last: bool, compile: bool,
+                     sync_batchnorm: bool, eval_streams: int) -> None:
+        """Device, precision and memory format; the modules that train, validate and predict."""
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         cuda = self.device.type == "cuda"
         # bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 (training/precision.py).
@@ -104,53 +146,21 @@ class CarvanaClassifier:
         self.streams = choose_eval_streams(self.device, eval_streams)
         # An inference engine for fixed-weights prediction (training/engines.attach_engine); None: torch.
         self.engine = None
-        # The task (training/tasks.py) decides targets, loss, activation and validation metrics:
-        # binary car masks unless a multi-class task is given. A given loss_fn (e.g. the
-        # boundary-weighted BCEDiceLoss) replaces bce_weight/dice_weight for the binary task.
-        self.task = task if task is not None else BinaryTask(loss_fn if loss_fn is not None
-                                                              else BCEDiceLoss(bce_weight, dice_weight))
-        self.loss_fn = self.task.loss_fn
-        if lovasz > 0 and not isinstance(self.task, BinaryTask):
-            raise TrainingSettingError(f"--lovasz {lovasz:g}: the Lovasz hinge loss is for the binary task only")
-        self.lovasz, self.lovasz_loss = lovasz, LovaszHingeLoss()  # the last `lovasz` of training steps on it
-        # Progressive resizing: the first `coarse_share` of training steps on batches scaled to coarse_size.
-        self.coarse_size, self.coarse_share = coarse_size, coarse_share
-        # Epochs before this share of training only train (epoch.validates says which validate).
-        self.validate_from = validate_from
-        # --ema: validation, best.pt and prediction use this average of the weights (training/averaging.py).
-        self.average = WeightAverage(self.model, ema) if ema > 0 else None
-        self.monitor = self.task.monitor
+
+    def _set_schedule(self, epochs: int, lr: float, optimizer: str, weight_decay: float, scheduler: str,
+                      time_budget: float) -> None:
+        """Optimiser, LR schedule and gradient scaler; with a time budget the clock drives a cosine LR."""
         self.optimizer = make_optimizer(optimizer, self.model.parameters(), lr, weight_decay)
         self.scheduler_name = scheduler
         self.scheduler = make_scheduler(scheduler, self.optimizer, epochs)
         # A GradScaler is only needed for fp16; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epochs = epochs
-        # How to rebuild `model`: stored in every checkpoint (see carvana.models.registry).
-        self.model_config = model_config
-        # The data path takes normalisation and the mirror margin from the model, not constants.
-        config = model_config or ModelConfig()
-        self.mean, self.std = config.mean, config.std
-        self.input_margin = arch_spec(config.arch).output_margin  # unet-original: 92, others 0
-        self.encoder = encoder_of(self.model, config) if model_config is not None else None
-        if freeze_encoder_epochs > 0 and self.encoder is None:
-            raise ModelConfigError(f"--freeze-encoder-epochs needs a network with a pretrained encoder (--arch unet, "
-                             f"linknet, ...), not {config.arch}")
-        self.freeze_encoder_epochs = freeze_encoder_epochs
         # Seconds of training (train + validation) per session; the cosine LR follows the clock.
         self.time_budget = time_budget
         self._budget_start, self._budget_spent, self._budget_used = time.perf_counter(), False, 0.0
         if time_budget > 0 and scheduler.lower() == "cosine":
             self.scheduler = None
-        self.threshold = threshold
-        self.grad_clip = grad_clip
-        self.preview_count = preview_count
-        self.progress = progress and dist.is_main_process()
-        self.epoch = -1  # last completed epoch
-        self.resumed_from_epochs: int | None = None  # set by load_state_dict when --epochs changed
-        self.best_metric = -math.inf
-        self.best_loss_fn: str | None = None  # without validation: the loss best_metric was measured on
-        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ helpers
     @property
