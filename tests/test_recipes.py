@@ -44,8 +44,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     # 2 folds on the 2 train cars (4 folds need 4 cars and take 4x the folds' training, OOF
     # scoring and ensemble prediction); --threshold auto and the fold/OOF/ensemble path stay.
     "carvana-cpu-folds.toml": ("carvana", [*UNET1024, "--folds", "2"]),
-    # 2 folds, fold 0 of them: the recipe's one-fold training, OOF threshold and fold-0 prediction.
-    "carvana-cpu-45min.toml": ("carvana", [*UNET1024, "--folds", "2"]),
+    # 2 folds, fold 0 of them: the recipe's one-fold training, OOF threshold and fold-0 prediction;
+    # its coarse size scaled down with the input (the coarse path itself: tests/test_coarse.py).
+    "carvana-cpu-45min.toml": ("carvana", [*UNET1024, "--folds", "2", "--coarse-size", "64x64"]),
     # the same + the warm refit on every car with the fold's pseudo-labels of the test images
     "carvana-cpu-45min-pseudo.toml": ("carvana", [*UNET1024, "--folds", "2"]),
     "kaggle-gpu-unet1024.toml": ("carvana", UNET1024),
