@@ -4,10 +4,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carvana.training.folds import assign_folds, fold_files, load_or_assign_folds
 from carvana.training.gallery import GalleryEntry, render_gallery, FN_COLOUR, FP_COLOUR, TP_COLOUR, error_overlay
-from carvana.training.oof import THRESHOLD_GRID, choose_threshold, dice_column, summarize
+from carvana.training.oof import THRESHOLD_GRID, car_thresholds, choose_threshold, dice_column, summarize
 
 
 def names(n_cars: int = 10) -> list[str]:
@@ -58,6 +60,45 @@ def test_threshold_choice_and_summary():
     assert s["mean_oof_dice"] == pytest.approx(oof[dice_column(0.45)].mean())
     assert set(s["per_angle"]) == set(range(1, 17)) and set(s["per_fold"]) == {0, 1}
     assert [w["dice"] for w in s["worst"]] == sorted(oof[dice_column(0.45)])[:5]
+
+
+def car_curves(peaks: list[float], depths: list[float]) -> pd.DataFrame:
+    """An OOF table of 16 images per car: car i's Dice peaks at threshold peaks[i], and falls by
+    depths[i] per unit of threshold away from it (a hard car: a low, steep curve)."""
+    rows = []
+    for i, (peak, depth) in enumerate(zip(peaks, depths)):
+        for a in range(1, 17):
+            row = {"image": f"car{i:03d}abc_{a:02d}.jpg", "car": f"car{i:03d}abc"}
+            row.update({dice_column(t): 0.99 - depth * abs(t - peak) for t in THRESHOLD_GRID})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_one_hard_car_cannot_drag_the_threshold():
+    # four cars want 0.5 (shallow curves), one hard car wants 0.7 and loses 0.3 a unit away from it:
+    # the best mean is 0.7, where the four typical cars lose; the median of the cars' votes stays 0.5
+    oof = car_curves([0.5, 0.5, 0.5, 0.5, 0.7], [0.02, 0.02, 0.02, 0.02, 0.3])
+    means = {t: oof[dice_column(t)].mean() for t in THRESHOLD_GRID}
+    assert max(means, key=means.get) == 0.7
+    assert car_thresholds(oof) == {"car000abc": 0.5, "car001abc": 0.5, "car002abc": 0.5, "car003abc": 0.5, "car004abc": 0.7}
+    best, grid_means = choose_threshold(oof)
+    assert best == 0.5 and grid_means["0.70"] == pytest.approx(means[0.7])
+    # an even number of cars: the middle of the two middle votes, snapped to the grid (lower on a tie)
+    assert choose_threshold(car_curves([0.4, 0.45, 0.5, 0.6], [0.02] * 4))[0] == 0.45  # 0.475
+    assert choose_threshold(car_curves([0.4, 0.4, 0.6, 0.6], [0.02] * 4))[0] == 0.5
+    # no car column (a table read from elsewhere): the car comes from the image name
+    assert choose_threshold(oof.drop(columns="car"))[0] == 0.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(THRESHOLD_GRID), st.floats(0.001, 1.0)), min_size=1, max_size=9))
+def test_the_threshold_lies_among_the_cars_votes(cars):
+    """Any cars, any curve depths: the choice is a grid value between the lowest and highest vote,
+    and at least half of the cars vote for it or beyond it on each side."""
+    peaks, depths = [p for p, _ in cars], [d for _, d in cars]
+    best, _ = choose_threshold(car_curves(peaks, depths))
+    assert best in THRESHOLD_GRID and min(peaks) <= best <= max(peaks)
+    assert 2 * sum(p <= best for p in peaks) >= len(peaks) - 1 and 2 * sum(p >= best for p in peaks) >= len(peaks) - 1
 
 
 def test_error_overlay_colours_each_outcome():

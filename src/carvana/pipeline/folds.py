@@ -35,7 +35,7 @@ from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint
 from carvana.training.folds import fold_files, load_or_assign_folds
 from carvana.training.gallery import GalleryEntry, write_gallery
-from carvana.training.oof import (THRESHOLD_GRID, choose_threshold, dice_column, format_summary, score_fold,
+from carvana.training.oof import (THRESHOLD_GRID, car_thresholds, choose_threshold, dice_column, format_summary, score_fold,
                                   summarize, write_csv, write_json)
 
 
@@ -157,6 +157,7 @@ def summarize_run(session: Session, threshold: float, auto_threshold: bool, path
     summary["threshold_auto"] = auto_threshold
     if means is not None:
         summary["threshold_means"] = means
+        summary["threshold_votes"] = car_thresholds(oof)
     gallery = run_logs / "oof_worst.png"
     write_gallery(gallery_entries(summary["worst"], paths, session, threshold, mask_rles), gallery)
     summary["gallery"] = str(gallery)
