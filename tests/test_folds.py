@@ -54,7 +54,7 @@ def test_threshold_choice_and_summary():
                         "angle": [i % 16 + 1 for i in range(n)], "fold": [i // 16 for i in range(n)]})
     for t in THRESHOLD_GRID:
         oof[dice_column(t)] = 0.99 - abs(t - 0.45) * 0.1 + rng.normal(0, 1e-4, n)
-    best, means = choose_threshold(oof)
+    best, means, _ = choose_threshold(oof)
     assert best == 0.45 and max(means, key=means.get) == "0.45"
     s = summarize(oof, best, worst=5)
     assert s["mean_oof_dice"] == pytest.approx(oof[dice_column(0.45)].mean())
@@ -81,12 +81,12 @@ def test_one_hard_car_cannot_drag_the_threshold():
     means = {t: oof[dice_column(t)].mean() for t in THRESHOLD_GRID}
     assert max(means, key=means.get) == 0.7
     assert car_thresholds(oof) == {"car000abc": 0.5, "car001abc": 0.5, "car002abc": 0.5, "car003abc": 0.5, "car004abc": 0.7}
-    best, grid_means = choose_threshold(oof)
-    assert best == 0.5 and grid_means["0.70"] == pytest.approx(means[0.7])
+    best, grid_means, votes = choose_threshold(oof)
+    assert best == 0.5 and grid_means["0.70"] == pytest.approx(means[0.7]) and votes == car_thresholds(oof)
     # an even number of cars: the middle of the two middle votes, snapped to the grid (lower on a tie)
     assert choose_threshold(car_curves([0.4, 0.45, 0.5, 0.6], [0.02] * 4))[0] == 0.45  # 0.475
     assert choose_threshold(car_curves([0.4, 0.4, 0.6, 0.6], [0.02] * 4))[0] == 0.5
-    # no car column (a table read from elsewhere): the car comes from the image name
+    # the car comes from the image name: a table without a car column (score_fold's) votes the same
     assert choose_threshold(oof.drop(columns="car"))[0] == 0.5
 
 
@@ -96,7 +96,7 @@ def test_the_threshold_lies_among_the_cars_votes(cars):
     """Any cars, any curve depths: the choice is a grid value between the lowest and highest vote,
     and at least half of the cars vote for it or beyond it on each side."""
     peaks, depths = [p for p, _ in cars], [d for _, d in cars]
-    best, _ = choose_threshold(car_curves(peaks, depths))
+    best, _, _ = choose_threshold(car_curves(peaks, depths))
     assert best in THRESHOLD_GRID and min(peaks) <= best <= max(peaks)
     assert 2 * sum(p <= best for p in peaks) >= len(peaks) - 1 and 2 * sum(p >= best for p in peaks) >= len(peaks) - 1
 

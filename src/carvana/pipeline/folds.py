@@ -35,7 +35,7 @@ from carvana.training.callbacks import Callback
 from carvana.training.checkpoint import load_checkpoint, save_checkpoint
 from carvana.training.folds import fold_files, load_or_assign_folds
 from carvana.training.gallery import GalleryEntry, write_gallery
-from carvana.training.oof import (THRESHOLD_GRID, car_thresholds, choose_threshold, dice_column, format_summary, score_fold,
+from carvana.training.oof import (THRESHOLD_GRID, choose_threshold, dice_column, format_summary, score_fold,
                                   summarize, write_csv, write_json)
 
 
@@ -146,9 +146,9 @@ def summarize_run(session: Session, threshold: float, auto_threshold: bool, path
             raise PlanError("--threshold auto needs out-of-fold scores, and no fold of this run is scored yet")
         return threshold, None
     oof = pd.concat(parts, ignore_index=True).sort_values("image").reset_index(drop=True)
-    means = None
+    means = votes = None
     if auto_threshold:
-        threshold, means = choose_threshold(oof)
+        threshold, means, votes = choose_threshold(oof)
     oof["dice"] = oof[dice_column(threshold)]
     cols = ["image", "car", "angle", "fold", "dice"]
     write_csv(oof[cols + [c for c in oof.columns if c.startswith("dice@")]], run_logs / "oof.csv")
@@ -157,7 +157,7 @@ def summarize_run(session: Session, threshold: float, auto_threshold: bool, path
     summary["threshold_auto"] = auto_threshold
     if means is not None:
         summary["threshold_means"] = means
-        summary["threshold_votes"] = car_thresholds(oof)
+        summary["threshold_votes"] = votes
     gallery = run_logs / "oof_worst.png"
     write_gallery(gallery_entries(summary["worst"], paths, session, threshold, mask_rles), gallery)
     summary["gallery"] = str(gallery)

@@ -76,16 +76,16 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def car_thresholds(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID) -> dict[str, float]:
     """Each car's own best grid threshold: the one with the best mean Dice over its images (the
-    lower one on a tie). The car is the ``car`` column, else read from the image name."""
-    cars = oof["car"].astype(str) if "car" in oof.columns else oof["image"].map(car_id)
-    per_car = oof.groupby(cars)[[dice_column(t) for t in grid]].mean()
+    lower one on a tie); the car is read from the image name, as the fold table reads it."""
+    per_car = oof.groupby(oof["image"].map(car_id))[[dice_column(t) for t in grid]].mean()
     return {str(car): float(grid[int(np.argmax(row))]) for car, row in zip(per_car.index, per_car.to_numpy())}
 
 
-def choose_threshold(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID) -> tuple[float, dict[str, float]]:
+def choose_threshold(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID
+                     ) -> tuple[float, dict[str, float], dict[str, float]]:
     """The threshold of ``--threshold auto``: the median of the cars' own best thresholds
-    (``car_thresholds``), snapped to the grid (the lower one on a tie); and the mean OOF Dice
-    at every grid threshold.
+    (``car_thresholds``), snapped to the grid (the lower one on a tie); the mean OOF Dice at
+    every grid threshold; and the cars' votes (what the summary shows is what chose).
 
     Why not the best mean: a fold holds out a handful of cars, and one hard car (Dice 0.90,
     its best threshold past 0.7) outweighs the rest and drags the mean's choice to the grid's
@@ -94,8 +94,9 @@ def choose_threshold(oof: pd.DataFrame, grid: Sequence[float] = THRESHOLD_GRID) 
     same or +0.0001 in the three without one (docs/results.md, "the threshold")."""
     grid = sorted(float(t) for t in grid)
     means = {f"{t:.2f}": float(oof[dice_column(t)].mean()) for t in grid}
-    median = float(np.median(list(car_thresholds(oof, grid).values())))
-    return min(grid, key=lambda t: (round(abs(t - median), 9), t)), means  # round: 0.475 is a tie
+    votes = car_thresholds(oof, grid)
+    median = float(np.median(list(votes.values())))
+    return min(grid, key=lambda t: (round(abs(t - median), 9), t)), means, votes  # round: 0.475 is a tie
 
 
 def summarize(oof: pd.DataFrame, threshold: float, worst: int = WORST_COUNT) -> dict[str, Any]:
