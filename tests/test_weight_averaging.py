@@ -101,12 +101,9 @@ def test_the_swap_restores_the_training_weights_exactly_even_on_an_exception():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(tmp_path_factory):
     """A 2-epoch run with --ema 0.5 (averaged != training weights), checkpoints in a temp folder."""
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp())
+    folder = tmp_path_factory.mktemp("ema-run")  # pytest's temp root: removed with the old ones, never leaked
     train, valid = synthetic_batches(3, seed=1), synthetic_batches(1, seed=2)
     clf = make_classifier(epochs=2, ema=0.5)
     clf.train(train, valid, callbacks=[ModelSaverCallback(folder, {"width": 0.125, "input_size": "64x64"})])
