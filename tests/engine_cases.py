@@ -80,7 +80,7 @@ def test_both_graph_layouts_compute_the_torch_paths_values_and_the_new_one_has_n
     import onnx
     import openvino as ov
 
-    from carvana.training.engines import ProbabilityGraph, export_graph
+    from carvana.training.prediction_graph import ProbabilityGraph, export_graph
 
     clf = classifier(arch, classes, size, width)
     trained_statistics(clf.model.eval())
@@ -293,7 +293,7 @@ def test_the_int8_graph_is_cached_under_its_scope_and_calibration_images(tmp_pat
 def test_the_scopes_keep_the_first_last_and_full_resolution_convolutions_in_float(tmp_path):
     import openvino as ov
 
-    from carvana.training.engines import ProbabilityGraph, export_graph
+    from carvana.training.prediction_graph import ProbabilityGraph, export_graph
     from carvana.training.quantize import kept_in_float
 
     clf = classifier("unet1024", 1, (64, 64), 0.125)

@@ -4,10 +4,10 @@ Device handling is in one place here: mixed precision and channels_last where th
 (bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, channels_last on both; chosen in
 training/precision.py), on CUDA non-blocking copies, and optionally torch.compile (on a CPU the
 training step only). Loss, metric and thresholded masks are always computed in fp32 from the
-logits. The steps of one training epoch are training/epoch.py; validation and prediction
-training/evaluation.py. With ``--ema`` validation (and so the best checkpoint) uses the weight
-average, which checkpoints store as their "model" (training/averaging.py); with ``--lovasz`` the
-end of training steps on the Lovász hinge loss.
+logits. The steps of one training epoch are training/epoch.py, the choice of the best epoch
+training/best_epoch.py, validation and prediction training/evaluation.py. With ``--ema``
+validation (and so the best checkpoint) uses the weight average, which checkpoints store as their
+"model" (training/averaging.py); with ``--lovasz`` the end of training steps on the Lovász hinge loss.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import nn
 from carvana.models.registry import ModelConfig, ModelConfigError, arch_spec, encoder_of
 from carvana.data.image_tensors import mirror_pad, normalize_images
 from carvana.training.callbacks import Callback, CallbackList, Preview
+from carvana.training import best_epoch
 from carvana.training import epoch as epoch_steps
 from carvana.training.epoch import TrainingSettingError, check_training_shares
 from carvana.training import evaluation
@@ -262,10 +263,10 @@ class CarvanaClassifier:
                     with self.averaged_weights():
                         valid_metrics, preview = self.task.validate(self, valid_loader)
                     metrics.update(valid_metrics)
-                step_scheduler(self.scheduler, self._monitored(metrics), new_kind=self._loss_changed(metrics))
+                step_scheduler(self.scheduler, best_epoch.monitored(self, metrics), new_kind=best_epoch.loss_changed(self, metrics))
                 self.epoch = epoch
                 # An epoch --validate-from left unvalidated has no figure to compete with: not best.
-                metrics["is_best"] = 0.0 if skipped else float(self._record_best(metrics))
+                metrics["is_best"] = 0.0 if skipped else float(best_epoch.record_best(self, metrics))
                 metrics["seconds"] = time.perf_counter() - start
                 self.history.append(metrics)
                 cbs.on_epoch_end(self, epoch, metrics, preview)
@@ -276,33 +277,6 @@ class CarvanaClassifier:
             raise
         cbs.on_train_end(self)
         return self.history
-
-    def _monitored(self, metrics: dict[str, Any]) -> float:
-        """The figure best.pt and a plateau schedule follow, higher is better: the task's validation
-        metric; without validation (or when it is NaN: no class in the truth), minus a loss."""
-        monitored = metrics.get(self.monitor, -metrics["train_loss"])
-        if monitored != monitored:
-            monitored = -metrics.get("valid_loss", metrics["train_loss"])
-        return monitored
-
-    def _loss_changed(self, metrics: dict[str, Any]) -> bool:
-        """Whether the monitored figure is a training loss of another kind than the best so far
-        was measured on (--lovasz switched losses; or unknown: a first epoch, or a checkpoint
-        written before the loss was recorded): the two do not compare."""
-        return self.monitor not in metrics and self.best_loss_fn != metrics["loss_fn"]
-
-    def _record_best(self, metrics: dict[str, Any]) -> bool:
-        """Whether this epoch is the best so far (best.pt then follows it), recording it. After a
-        change of training loss the best so far is forgotten: best.pt is taken among the new
-        loss's epochs."""
-        if self._loss_changed(metrics):
-            self.best_metric = -math.inf
-        if self.monitor not in metrics:
-            self.best_loss_fn = metrics["loss_fn"]
-        monitored = self._monitored(metrics)
-        is_best = monitored > self.best_metric
-        self.best_metric = max(self.best_metric, monitored)
-        return is_best
 
     def _train_one_epoch(self, loader: Iterable[dict], epoch: int, epochs: int) -> tuple[float, int, str]:
         """One pass (or, under --time-budget, what the budget leaves of it): (mean loss, images seen
