@@ -35,9 +35,8 @@ from torch import nn
 from carvana.data.files import atomic_path
 from carvana.models.registry import ModelConfig, arch_spec
 from carvana.training.checkpoint import CheckpointError, load_model, threshold_of
-from carvana.training.prediction_graph import ProbabilityGraph
+from carvana.training.prediction_graph import OPSET, ProbabilityGraph  # one opset for export and the engines
 
-OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
 
