@@ -17,7 +17,7 @@ Usage (from the repository root)::
     python bench/paired.py --arm s42="--seed 42" --arm s1="--seed 1" --work /tmp/pair    # one lever, two seeds
 
 Prints, per arm: epochs trained (of them coarse), the fold's OOF Dice and threshold, the
-held-out cars' Dice of the submission, the wall time; then ``paired: <arm> - <first arm>``.
+held-out cars' Dice of the submission, the wall time; each held-out car's Dice per arm; then ``paired: <arm> - <first arm>``.
 Each arm's console is in ``<work>/<arm>/console.log``; ``--work`` is kept (models, logs).
 """
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from isa import AVX2_ENV, isa_line  # noqa: E402
 
 from carvana.data.mask_table import load_mask_table  # noqa: E402
-from carvana.submission.scoring import score_submission  # noqa: E402
+from carvana.submission.scoring import car_scores, image_scores, mean_dice  # noqa: E402
 from carvana.training.folds import assign_folds  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "carvana-sample"
@@ -106,8 +106,32 @@ def arm_figures(folder: Path, name: str, solution: Path) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     submission = folder / "output" / "submit.csv.gz"
     coarse = sum(bool(re.search(r"train_loss \S+ \([^)]*@\d+x\d+\)", e)) for e in epochs)  # "(bce+dice@192x256)"
+    scores = image_scores(submission, solution) if submission.exists() else {}
     return {"epochs": len(epochs), "coarse": coarse, "oof": summary.get("mean_oof_dice"), "threshold": summary.get("threshold"),
-            "held_out": score_submission(submission, solution) if submission.exists() else None}
+            "held_out": mean_dice(scores) if scores else None, "cars": car_scores(scores)}
+
+
+def report(arms: list[tuple[str, list[str]]], cores: dict[str, int], rows: dict[str, dict], walls: dict[str, float]) -> None:
+    """The arms' table, each held-out car's Dice per arm, and each arm's difference from the first."""
+    print("\n| arm | core | flags | epochs (coarse) | fold OOF | threshold | held-out Dice | wall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, flags in arms:
+        r = rows[name]
+        oof = f"{r['oof']:.5f}" if r["oof"] is not None else "-"
+        held = f"{r['held_out']:.5f}" if r["held_out"] is not None else "-"
+        print(f"| {name} | {cores[name]} | {shlex.join(flags) or '(the recipe)'} | {r['epochs']} ({r['coarse']}) | {oof} | "
+              f"{r['threshold']} | {held} | {walls[name] / 60:.1f} min |")
+    cars = sorted({car for r in rows.values() for car in r["cars"]})
+    if cars:  # one hard car can move the mean more than a lever does: show which
+        print("\n| held-out car | " + " | ".join(name for name, _ in arms) + " |")
+        print("| --- |" + " --- |" * len(arms))
+        for car in cars:
+            cells = [f"{rows[name]['cars'][car]:.5f}" if car in rows[name]["cars"] else "-" for name, _ in arms]
+            print(f"| {car} | " + " | ".join(cells) + " |")
+    first = arms[0][0]
+    for name, _ in arms[1:]:
+        if rows[name]["held_out"] is not None and rows[first]["held_out"] is not None:
+            print(f"paired: {name} - {first} held-out Dice {rows[name]['held_out'] - rows[first]['held_out']:+.5f}")
 
 
 def main() -> None:
@@ -142,19 +166,7 @@ def main() -> None:
             print(f"{name}: main.py exited {proc.returncode}; see {args.work / name / 'console.log'}")
         walls[name] = time.perf_counter() - start
     rows = {name: arm_figures(args.work / name, name, stand_in / "test_solution.csv") for name, _, _ in procs}
-    print("\n| arm | core | flags | epochs (coarse) | fold OOF | threshold | held-out Dice | wall |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (name, flags), (_, _, core) in zip(arms, procs):
-        r = rows[name]
-        oof = f"{r['oof']:.5f}" if r["oof"] is not None else "-"
-        held = f"{r['held_out']:.5f}" if r["held_out"] is not None else "-"
-        print(f"| {name} | {core} | {shlex.join(flags) or '(the recipe)'} | {r['epochs']} ({r['coarse']}) | {oof} | "
-              f"{r['threshold']} | {held} | {walls[name] / 60:.1f} min |")
-    first = arms[0][0]
-    for name, _ in arms[1:]:
-        if rows[name]["held_out"] is not None and rows[first]["held_out"] is not None:
-            print(f"paired: {name} - {first} held-out Dice {rows[name]['held_out'] - rows[first]['held_out']:+.5f}")
-
+    report(arms, {name: core for name, _, core in procs}, rows, walls)
 
 if __name__ == "__main__":
     main()

@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from carvana.data.rle import rle_decode, rle_encode, rle_to_runs
 from carvana.submission.validate import (
     PROBLEM_KINDS,
+    car_scores,
     SubmissionError,
     dice_from_runs,
     expected_names,
+    image_scores,
     main,
     read_submission,
     score_submission,
@@ -185,6 +187,32 @@ def test_score_empty_masks(tmp_path: Path, truth: str, pred: str, dice: float) -
     sol = write_csv(tmp_path / "sol.csv", [(NAMES[0], truth)])
     sub = write_csv(tmp_path / "sub.csv", [(NAMES[0], pred)])
     assert score_submission(sub, sol, SHAPE) == dice
+
+
+def test_image_and_car_scores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Per-image scores in solution order, their per-car means, and the mean of them all."""
+    rng = np.random.default_rng(5)
+    names = [f"{car}_{view:02d}.jpg" for car in ("bbb", "aaa") for view in (1, 2, 3)]
+    truth = {n: rng.random(SHAPE) < 0.5 for n in names}
+    pred = {n: m ^ (rng.random(SHAPE) < 0.1 * (i + 1)) for i, (n, m) in enumerate(truth.items())}
+    sol = write_csv(tmp_path / "sol.csv", [(n, rle_encode(m)) for n, m in truth.items()])
+    sub = write_csv(tmp_path / "sub.csv", [(n, rle_encode(pred[n])) for n in reversed(names)])
+    scores = image_scores(sub, sol, SHAPE)
+    assert list(scores) == names
+    for name in names:
+        assert scores[name] == pytest.approx(numpy_dice(pred[name], truth[name]), abs=1e-12)
+    cars = car_scores(scores)
+    assert list(cars) == ["aaa", "bbb"]
+    assert cars["bbb"] == pytest.approx(np.mean([scores[n] for n in names[:3]]), abs=1e-12)
+    assert score_submission(sub, sol, SHAPE) == pytest.approx(np.mean(list(scores.values())), abs=1e-12)
+    # the CLI at the competition shape: each car's line, then the mean
+    good = write_csv(tmp_path / "good.csv", good_rows())
+    assert main(["score", str(good), "--solution", str(good), "--per-car"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"car{i}: 1.000000" for i in range(4)] + ["mean Dice: 1.000000"]
+    odd = write_csv(tmp_path / "odd.csv", [("nocar.jpg", "1 1")])
+    assert main(["score", str(odd), "--solution", str(odd), "--per-car"]) == 1
+    assert "odd.csv: nocar.jpg: not a Carvana image name" in capsys.readouterr().err
 
 
 def test_score_errors(tmp_path: Path) -> None:

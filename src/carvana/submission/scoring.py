@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carvana.data.layout import ORIG_SHAPE
+from carvana.data.layout import ORIG_SHAPE, car_id
 from carvana.data.rle import RLEError, rle_to_runs
 from carvana.submission.reading import HEADER_LINE, SubmissionError, iter_lines, read_submission, split_row
 
@@ -44,6 +44,29 @@ def score_submission(
     full submission can be scored on a labelled subset.  A solution image with
     no row, a duplicate row, or a malformed RLE raises ``SubmissionError``.
     """
+    return mean_dice(image_scores(submission_path, solution_path, shape))
+
+
+def mean_dice(scores: dict[str, float]) -> float:
+    """The competition's figure from per-image scores: their plain mean."""
+    return float(np.mean(list(scores.values())))
+
+
+def car_scores(scores: dict[str, float]) -> dict[str, float]:
+    """Mean Dice per car (``<car>_<view>.jpg``) of per-image scores, cars in name order.
+
+    A held-out set of a few cars is judged car by car: one hard car moves the mean by more
+    than the difference between two settings, and this shows which car it was."""
+    by_car: dict[str, list[float]] = {}
+    for name, dice in scores.items():
+        by_car.setdefault(car_id(name), []).append(dice)
+    return {car: float(np.mean(by_car[car])) for car in sorted(by_car)}
+
+
+def image_scores(
+    submission_path: str | Path, solution_path: str | Path, shape: tuple[int, int] = ORIG_SHAPE
+) -> dict[str, float]:
+    """Dice of each of the solution's images (solution order); the errors of :func:`score_submission`."""
     n_pixels = shape[0] * shape[1]
     truth = {}
     for name, rle in read_submission(solution_path).items():
@@ -76,4 +99,4 @@ def score_submission(
             f"{submission_path}: {len(missing)} of the solution's {len(truth)} images have no row "
             f"(first: {', '.join(missing[:5])})"
         )
-    return float(np.mean(list(scores.values())))
+    return {name: scores[name] for name in truth}

@@ -9,7 +9,7 @@ seconds.
 CLI::
 
     python -m carvana.submission validate FILE --sample-submission CSV   # exit 1 if invalid
-    python -m carvana.submission score FILE --solution CSV               # prints the mean Dice
+    python -m carvana.submission score FILE --solution CSV [--per-car]   # prints the mean Dice
     python -m carvana.submission upload FILE --sample-submission CSV -m MESSAGE
 """
 
@@ -27,7 +27,7 @@ from carvana.data.rle import RLEError, rle_to_runs
 # Reading and scoring were in this module once; their names are imported from here too.
 from carvana.submission.reading import (HEADER_LINE, SubmissionError, expected_names, iter_lines,  # noqa: F401
                                         read_submission, split_row)
-from carvana.submission.scoring import dice_from_runs, score_submission  # noqa: F401
+from carvana.submission.scoring import car_scores, dice_from_runs, image_scores, mean_dice, score_submission  # noqa: F401
 
 # Problem kinds, in report order, with what each means.
 PROBLEM_KINDS = {
@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_score = sub.add_parser("score", help="mean Dice against a solution CSV")
     p_score.add_argument("file", type=Path)
     p_score.add_argument("--solution", type=Path, required=True, help="CSV with the true masks as RLE")
+    p_score.add_argument("--per-car", action="store_true", help="also print each car's mean Dice")
     p_up = sub.add_parser("upload", help="validate, then upload to Kaggle (needs credentials)")
     p_up.add_argument("file", type=Path)
     p_up.add_argument("--sample-submission", type=Path, required=True, help="CSV naming the expected images")
@@ -176,8 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          max_examples=args.max_examples)
             print(report)
             return 0 if report.ok else 1
-        print(f"mean Dice: {score_submission(args.file, args.solution):.6f}")
+        scores = image_scores(args.file, args.solution)
+        if args.per_car:
+            for car, dice in car_scores(scores).items():
+                print(f"{car}: {dice:.6f}")
+        print(f"mean Dice: {mean_dice(scores):.6f}")
         return 0
+    except ValueError as exc:  # car_scores: a solution row that is not a Carvana image name
+        print(f"error: {args.solution}: {exc}", file=sys.stderr)
+        return 1
     except (SubmissionError, RuntimeError) as exc:  # RuntimeError: KaggleError and subclasses
         print(f"error: {exc}", file=sys.stderr)
         return 1
