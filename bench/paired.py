@@ -15,6 +15,7 @@ Usage (from the repository root)::
 
     python bench/paired.py --arm base= --arm wide="--width 0.3125" --seed 42 --work /tmp/pair42
     python bench/paired.py --arm s42="--seed 42" --arm s1="--seed 1" --work /tmp/pair    # one lever, two seeds
+    python bench/paired.py --report /tmp/pair42                                            # its tables again
 
 Prints, per arm: epochs trained (of them coarse), the fold's OOF Dice and threshold, the
 held-out cars' Dice of the submission, the wall time; each held-out car's Dice per arm; then ``paired: <arm> - <first arm>``.
@@ -119,8 +120,9 @@ def report(arms: list[tuple[str, list[str]]], cores: dict[str, int], rows: dict[
         r = rows[name]
         oof = f"{r['oof']:.5f}" if r["oof"] is not None else "-"
         held = f"{r['held_out']:.5f}" if r["held_out"] is not None else "-"
+        wall = f"{walls[name] / 60:.1f} min" if name in walls else "-"
         print(f"| {name} | {cores[name]} | {shlex.join(flags) or '(the recipe)'} | {r['epochs']} ({r['coarse']}) | {oof} | "
-              f"{r['threshold']} | {held} | {walls[name] / 60:.1f} min |")
+              f"{r['threshold']} | {held} | {wall} |")
     cars = sorted({car for r in rows.values() for car in r["cars"]})
     if cars:  # one hard car can move the mean more than a lever does: show which
         print("\n| held-out car | " + " | ".join(name for name, _ in arms) + " |")
@@ -134,15 +136,35 @@ def report(arms: list[tuple[str, list[str]]], cores: dict[str, int], rows: dict[
             print(f"paired: {name} - {first} held-out Dice {rows[name]['held_out'] - rows[first]['held_out']:+.5f}")
 
 
+def report_again(work: Path) -> None:
+    """The tables of a finished ``--work`` folder again, from each arm's command.txt (arms in core order)."""
+    arms, cores = [], {}
+    for command_file in sorted(work.glob("*/command.txt")):
+        command, name = shlex.split(command_file.read_text()), command_file.parent.name
+        cores[name] = int(command[command.index("-c") + 1])
+        arms.append((name, command[command.index("--run-name") + 2:]))
+    if not arms:
+        raise SystemExit(f"--report {work}: no <arm>/command.txt in it (not a paired.py --work folder)")
+    arms.sort(key=lambda arm: cores[arm[0]])
+    rows = {name: arm_figures(work / name, name, work / "stand-in" / "test_solution.csv") for name, _ in arms}
+    report(arms, cores, rows, {})  # the walls are not on disk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arm", action="append", required=True, metavar="NAME=FLAGS",
+    parser.add_argument("--arm", action="append", metavar="NAME=FLAGS",
                         help="one arm: a name and main.py flags added to the recipe's (repeat; one core each)")
+    parser.add_argument("--report", type=Path, metavar="WORK",
+                        help="print the tables of a finished --work folder again (runs nothing)")
     parser.add_argument("--seed", type=int, default=42, help="every arm's --seed (an arm's own --seed wins)")
-    parser.add_argument("--work", type=Path, required=True, help="a new folder: the stand-in and each arm's run")
+    parser.add_argument("--work", type=Path, help="a new folder: the stand-in and each arm's run")
     parser.add_argument("--isa", choices=("native", "avx2"), default="avx2")
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     args = parser.parse_args()
+    if args.report:
+        return report_again(args.report)
+    if not args.arm or not args.work:
+        parser.error("--arm and --work are required (or --report WORK alone)")
     arms = [parse_arm(a) for a in args.arm]
     cores = sorted(os.sched_getaffinity(0))
     if len({n for n, _ in arms}) != len(arms):
