@@ -190,5 +190,6 @@ def main() -> None:
     rows = {name: arm_figures(args.work / name, name, stand_in / "test_solution.csv") for name, _, _ in procs}
     report(arms, {name: core for name, _, core in procs}, rows, walls)
 
+
 if __name__ == "__main__":
     main()
