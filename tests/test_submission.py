@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from carvana.data.rle import rle_decode, rle_encode, rle_to_runs
 from carvana.submission.validate import (
     PROBLEM_KINDS,
-    car_scores,
     SubmissionError,
+    car_scores,
     dice_from_runs,
     expected_names,
     image_scores,
@@ -255,6 +255,10 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().out.strip() == "mean Dice: 1.000000"
     assert main(["score", str(bad), "--solution", str(good)]) == 1
     assert "no row" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.csv")
+    for argv in (["validate", str(good), "--sample-submission", missing], ["score", str(good), "--solution", missing]):
+        assert main(argv) == 1  # one line, whichever subcommand met the error
+        assert capsys.readouterr().err == f"error: {missing}: cannot open: No such file or directory\n"
     with pytest.raises(SystemExit) as exc:
         main(["validate", str(good)])  # --sample-submission is required
     assert exc.value.code == 2

@@ -149,6 +149,14 @@ def upload_submission(path: str | Path, expected: Sequence[str], message: str, a
     return submit(path, message, api=api)
 
 
+def per_car(scores: dict[str, float], solution: Path) -> dict[str, float]:
+    """:func:`car_scores`, with a solution row that is not a Carvana image name as a SubmissionError."""
+    try:
+        return car_scores(scores)
+    except ValueError as exc:
+        raise SubmissionError(f"{solution}: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 invalid / error)."""
     parser = argparse.ArgumentParser(prog="python -m carvana.submission",
@@ -179,13 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if report.ok else 1
         scores = image_scores(args.file, args.solution)
         if args.per_car:
-            for car, dice in car_scores(scores).items():
+            for car, dice in per_car(scores, args.solution).items():
                 print(f"{car}: {dice:.6f}")
         print(f"mean Dice: {mean_dice(scores):.6f}")
         return 0
-    except ValueError as exc:  # car_scores: a solution row that is not a Carvana image name
-        print(f"error: {args.solution}: {exc}", file=sys.stderr)
-        return 1
     except (SubmissionError, RuntimeError) as exc:  # RuntimeError: KaggleError and subclasses
         print(f"error: {exc}", file=sys.stderr)
         return 1
